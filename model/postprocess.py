@@ -1,0 +1,94 @@
+"""Eager post-processing: scores and decoded boxes to final detections, for a whole batch.
+
+Per class: keep the top ``topk_candidates`` default boxes, drop scores at or below
+``score_threshold``, run NMS, then keep the best ``max_detections`` per image. The same
+detections as torchvision's ``SSD.postprocess_detections`` (tested), but with one top-k and one
+``batched_nms`` call for the whole batch instead of loops over images and classes. The output
+is padded like the exported ONNX graph's (see shared/design.md, "The model artifact"), so the
+two can be compared tensor for tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from .box_coding import decode
+
+
+@dataclass(frozen=True)
+class PostprocessConfig:
+    score_threshold: float = 0.01
+    iou_threshold: float = 0.45
+    topk_candidates: int = 400
+    max_detections: int = 200
+    remove_empty: bool = True  # drop boxes of zero width or height (clipping can produce them)
+
+
+class Detections(NamedTuple):
+    num_detections: Tensor  # int64 [B]
+    boxes: Tensor  # float32 [B, K, 4], xyxy normalised to [0, 1]; padding 0
+    scores: Tensor  # float32 [B, K], descending per image; padding 0
+    labels: Tensor  # int64 [B, K], 0-based class id (no background); padding -1
+
+    def per_image(self) -> list[dict[str, Tensor]]:
+        """Unpadded detections, one dict of boxes, scores and labels per image."""
+        return [
+            {"boxes": self.boxes[i, :n], "scores": self.scores[i, :n], "labels": self.labels[i, :n]}
+            for i, n in enumerate(self.num_detections.tolist())
+        ]
+
+
+@torch.no_grad()
+def postprocess(
+    cls_logits: Tensor, bbox_regression: Tensor, priors: Tensor, config: PostprocessConfig | None = None
+) -> Detections:
+    """
+    Args:
+        cls_logits: [B, N, C] logits, index 0 = background.
+        bbox_regression: [B, N, 4] offsets.
+        priors: [N, 4] default boxes, (cx, cy, w, h), normalised.
+    """
+    config = config or PostprocessConfig()
+    batch, num_priors, num_classes = cls_logits.shape
+    scores = F.softmax(cls_logits.float(), dim=-1)[:, :, 1:]  # [B, N, C-1]
+    boxes = decode(bbox_regression.float(), priors.float()).clamp(0.0, 1.0)  # [B, N, 4]
+
+    k = min(config.topk_candidates, num_priors)
+    top_scores, top_prior = scores.topk(k, dim=1)  # [B, k, C-1]
+    keep = top_scores > config.score_threshold
+    image, rank, label = keep.nonzero(as_tuple=True)
+    cand_scores = top_scores[image, rank, label]
+    cand_boxes = boxes[image, top_prior[image, rank, label]]
+    if config.remove_empty:
+        nonempty = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])
+        image, label, cand_scores, cand_boxes = (
+            image[nonempty],
+            label[nonempty],
+            cand_scores[nonempty],
+            cand_boxes[nonempty],
+        )
+
+    # One NMS for everything: groups are (image, class) pairs. Result sorted by score, descending.
+    kept = batched_nms(cand_boxes, cand_scores, image * (num_classes - 1) + label, config.iou_threshold)
+    kept = kept[torch.sort(image[kept], stable=True).indices]  # group by image, scores still descending
+    kept_image = image[kept]
+    counts = torch.bincount(kept_image, minlength=batch)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(len(kept), device=kept.device) - starts[kept_image]
+    within = slot < config.max_detections
+    kept, kept_image, slot = kept[within], kept_image[within], slot[within]
+
+    out_k = config.max_detections
+    out_boxes = boxes.new_zeros(batch, out_k, 4)
+    out_scores = scores.new_zeros(batch, out_k)
+    out_labels = torch.full((batch, out_k), -1, dtype=torch.int64, device=boxes.device)
+    out_boxes[kept_image, slot] = cand_boxes[kept]
+    out_scores[kept_image, slot] = cand_scores[kept]
+    out_labels[kept_image, slot] = label[kept]
+    return Detections(counts.clamp(max=out_k), out_boxes, out_scores, out_labels)

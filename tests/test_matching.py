@@ -1,0 +1,78 @@
+import torch
+from conftest import random_boxes
+from torchvision.models.detection._utils import SSDMatcher
+from torchvision.ops import box_iou
+
+from model.box_coding import cxcywh_to_xyxy, xyxy_to_cxcywh
+from model.matching import match, pad_targets
+from model.priors import SSD300_COCO_SCALES, PriorConfig, default_boxes
+
+PRIORS = default_boxes(
+    PriorConfig(((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), SSD300_COCO_SCALES, (8, 16, 32, 64, 100, 300)),
+    (300, 300),
+    [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)],
+)
+
+
+def test_equal_to_torchvision_matcher_on_a_padded_batch():
+    g = torch.Generator().manual_seed(0)
+    counts = [5, 0, 20, 1, 13]
+    boxes = [random_boxes(g, n) for n in counts]
+    labels = [torch.randint(0, 20, (n,), generator=g) for n in counts]
+    gt_boxes, gt_labels = pad_targets(boxes, labels)
+    ours = match(gt_boxes, gt_labels, PRIORS)
+    reference = SSDMatcher(0.5)
+    anchors = cxcywh_to_xyxy(PRIORS)
+    for i, b in enumerate(boxes):
+        expected = reference(box_iou(b, anchors)) if len(b) else torch.full((len(PRIORS),), -1)
+        assert torch.equal(ours[i], expected.clamp(min=-1)), f"image {i}"
+
+
+def test_threshold_is_inclusive():
+    priors = torch.tensor([[0.25, 0.5, 0.5, 1.0], [0.75, 0.5, 0.5, 1.0]])  # left and right halves
+    # IoU with the left half exactly 0.5 (box covers the left half and half as much again).
+    gt = torch.tensor([[[0.0, 0.0, 0.5, 1.0], [0.0, 0.0, 0.75, 1.0]]])
+    matched = match(gt[:, 1:], torch.tensor([[0]]), priors)
+    iou = box_iou(gt[0, 1:], cxcywh_to_xyxy(priors))
+    assert iou[0, 0] == 2 / 3 and matched[0, 0] == 0
+    half = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]])  # IoU 0.5 with both halves
+    assert match(half, torch.tensor([[0]]), priors).tolist() == [[0, 0]]
+
+
+def test_shared_best_default_box_does_not_leave_a_truth_unmatched():
+    """amdegroot/ssd.pytorch #193 / #354: two ground truths whose best default box is the same.
+
+    Both overlap each default box by less than 0.5, so each has only its forced match. With the
+    naive rule the later one overwrites the earlier, which is left with no default box at all.
+    """
+    priors = xyxy_to_cxcywh(torch.tensor([[0.0, 0.0, 0.4, 0.4], [0.1, 0.1, 0.5, 0.5], [0.6, 0.6, 1.0, 1.0]]))
+    gt = torch.tensor([[[0.05, 0.05, 0.30, 0.30], [0.10, 0.10, 0.40, 0.35]]])
+    iou = box_iou(gt[0], cxcywh_to_xyxy(priors))
+    assert iou.argmax(dim=1).tolist() == [0, 0] and (iou < 0.5).all()  # the tie really is there
+
+    naive = SSDMatcher(0.5)(iou)  # torchvision's rule, which has the bug
+    assert set(naive.tolist()) - {-1} != {0, 1}, "the reference no longer loses a truth: fixture is stale"
+
+    matched = match(gt, torch.tensor([[3, 7]]), priors)[0]
+    assert set(matched.tolist()) - {-1} == {0, 1}, matched
+    # The higher IoU keeps the contested box; the other takes its next best.
+    winner = int(iou[:, 0].argmax())
+    assert matched[0] == winner and matched[1] == 1 - winner
+
+
+def test_identical_truths_each_get_a_default_box():
+    g = torch.Generator().manual_seed(3)
+    box = random_boxes(g, 1)
+    gt = box.expand(4, 4)[None]  # four copies of one box: all want the same default box
+    matched = match(gt, torch.zeros(1, 4, dtype=torch.long), PRIORS)[0]
+    assert set(matched.tolist()) - {-1} == {0, 1, 2, 3}
+
+
+def test_padding_is_never_matched_and_empty_images_are_background():
+    gt_boxes, gt_labels = pad_targets(
+        [torch.tensor([[0.1, 0.1, 0.5, 0.5]]), torch.zeros(0, 4)],
+        [torch.tensor([2]), torch.zeros(0, dtype=torch.long)],
+    )
+    matched = match(gt_boxes, gt_labels, PRIORS)
+    assert (matched[1] == -1).all()
+    assert set(matched[0].tolist()) == {-1, 0}
