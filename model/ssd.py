@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .priors import PriorConfig, default_boxes
+from .priors import PriorConfig, PriorGrid, default_boxes
 
 
 class SSD(nn.Module):
@@ -61,6 +61,15 @@ class SSD(nn.Module):
     @property
     def num_priors(self) -> int:
         return self.priors.shape[0]
+
+    @property
+    def prior_grid(self) -> PriorGrid:
+        """The priors with their layout: what the loss matches against fastest."""
+        cached = self.__dict__.get("_prior_grid")
+        if cached is None or cached.boxes.device != self.priors.device:
+            cached = PriorGrid(self.priors, self.feature_sizes, self.prior_config.boxes_per_location)
+            self.__dict__["_prior_grid"] = cached
+        return cached
 
     def normalize(self, images: Tensor) -> Tensor:
         """[B, 3, H, W] in [0, 1] -> the backbone's input distribution."""

@@ -116,3 +116,15 @@ def test_class_id_out_of_range_is_named():
     boxes, labels, cls_logits, regression = _batch(4, [2])
     with pytest.raises(ValueError, match="class id"):
         MultiBoxLoss()(cls_logits, regression, PRIORS, *pad_targets(boxes, [torch.tensor([3, 25])]))
+
+
+def test_grid_priors_give_the_same_loss():
+    from model import build_model
+
+    grid = build_model("ssd300_vgg16", num_classes=21).prior_grid
+    boxes, labels, cls_logits, regression = _batch(1, [20, 1, 0, 12])
+    targets = pad_targets(boxes, labels)
+    dense = MultiBoxLoss()(cls_logits, regression, grid.boxes, *targets)
+    fast = MultiBoxLoss()(cls_logits, regression, grid, *targets)
+    assert torch.equal(dense.num_positives, fast.num_positives)
+    torch.testing.assert_close(fast.total, dense.total, rtol=1e-6, atol=0)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import random_boxes
 from torchvision.models.detection._utils import SSDMatcher
@@ -5,7 +6,7 @@ from torchvision.ops import box_iou
 
 from model.box_coding import cxcywh_to_xyxy, xyxy_to_cxcywh
 from model.matching import match, pad_targets
-from model.priors import SSD300_COCO_SCALES, PriorConfig, default_boxes
+from model.priors import SSD300_COCO_SCALES, PriorConfig, PriorGrid, default_boxes
 
 PRIORS = default_boxes(
     PriorConfig(((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), SSD300_COCO_SCALES, (8, 16, 32, 64, 100, 300)),
@@ -76,3 +77,51 @@ def test_padding_is_never_matched_and_empty_images_are_background():
     matched = match(gt_boxes, gt_labels, PRIORS)
     assert (matched[1] == -1).all()
     assert set(matched[0].tolist()) == {-1, 0}
+
+
+def _grids():
+    for name in ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large", "ssd512_vgg16"):
+        from model import build_model
+
+        yield build_model(name, num_classes=3).prior_grid
+
+
+GRIDS = list(_grids())
+
+
+def _awkward_boxes(g, count):
+    """Ordinary boxes plus the cases the area bound must get right: tiny, huge, thin, off-image."""
+    boxes = [random_boxes(g, count)]
+    tiny = random_boxes(g, 4) * 0.02 + torch.rand(1, 2, generator=g).repeat(1, 2) * 0.9  # ~1% of the side
+    huge = torch.tensor([[0.0, 0.0, 1.0, 1.0], [-0.2, -0.1, 1.1, 1.2]])
+    thin = torch.tensor([[0.1, 0.45, 0.9, 0.47], [0.30, 0.0, 0.31, 1.0]])  # aspect ratios of 40 and 100
+    return torch.cat(boxes + [tiny, huge, thin])
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=["ssd300", "ssdlite320", "ssd512"])
+def test_grid_iou_is_box_iou_to_the_bit(grid):
+    boxes = _awkward_boxes(torch.Generator().manual_seed(0), 30)
+    assert torch.equal(grid.iou(boxes), box_iou(boxes, cxcywh_to_xyxy(grid.boxes)))
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=["ssd300", "ssdlite320", "ssd512"])
+@pytest.mark.parametrize("seed", range(4))
+def test_grid_matching_equals_dense_matching(grid, seed):
+    g = torch.Generator().manual_seed(seed)
+    boxes = [_awkward_boxes(g, n) for n in (0, 3, 25)] + [random_boxes(g, 1).expand(5, 4), random_boxes(g, 40)]
+    boxes[0] = boxes[0][:0]  # an empty image
+    labels = [torch.zeros(len(b), dtype=torch.long) for b in boxes]
+    gt_boxes, gt_labels = pad_targets(boxes, labels)
+    for threshold in (0.5, 0.35):
+        dense = match(gt_boxes, gt_labels, grid.boxes, threshold)
+        assert torch.equal(match(gt_boxes, gt_labels, grid, threshold), dense)
+
+
+def test_grid_refuses_boxes_that_are_not_a_grid():
+    shuffled = PRIORS[torch.randperm(len(PRIORS), generator=torch.Generator().manual_seed(0))]
+    layout = ([(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)], [4, 6, 6, 6, 4, 4])
+    PriorGrid(PRIORS, *layout)
+    with pytest.raises(ValueError, match="not laid out on a grid"):
+        PriorGrid(shuffled, *layout)
+    with pytest.raises(ValueError, match="hold 8731 default boxes, not 8732"):
+        PriorGrid(PRIORS, layout[0], [4, 6, 6, 6, 4, 3])

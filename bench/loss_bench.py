@@ -1,0 +1,145 @@
+"""Matching + MultiBox loss, ours against torchvision's, in one run.
+
+What torchvision's SSD does in a training step between the heads and the backward pass: per
+image, box_iou + SSDMatcher, then SSD.compute_loss. Ours: MultiBoxLoss (batched matching,
+top-k hard negative mining). Same batch for both: SSD300 (8732 default boxes, 21 classes),
+32 images with 1 to 20 objects each.
+
+    uv run python bench/loss_bench.py [--batch 32] [--repeats 30] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import UTC, datetime
+
+import torch
+from torchvision.models.detection import ssdlite320_mobilenet_v3_large
+from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+from torchvision.models.detection.image_list import ImageList
+from torchvision.ops import box_iou
+
+from model import MultiBoxLoss, build_model, pad_targets
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _time(fn, repeats: int) -> list[float]:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--max-objects", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+
+    model = build_model("ssd300_vgg16", num_classes=21)
+    priors = model.priors.to(device)
+    grid = model.prior_grid.to(device)
+    n, classes = model.num_priors, 21
+    counts = torch.randint(1, args.max_objects + 1, (args.batch,), generator=g).tolist()
+    boxes = []
+    for count in counts:
+        wh = torch.rand(count, 2, generator=g) * 0.6 + 0.02
+        xy = torch.rand(count, 2, generator=g) * (1 - wh)
+        boxes.append(torch.cat([xy, xy + wh], 1).to(device))
+    labels = [torch.randint(0, classes - 1, (c,), generator=g).to(device) for c in counts]
+    cls_logits = torch.randn(args.batch, n, classes, generator=g).to(device).requires_grad_()
+    regression = torch.randn(args.batch, n, 4, generator=g).to(device).requires_grad_()
+
+    # torchvision: pixels, 1-based labels, its own anchors and SSD instance (only the loss is used).
+    reference = ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=classes).to(device)
+    generator = DefaultBoxGenerator(
+        [[2], [2, 3], [2, 3], [2, 3], [2], [2]], scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05],
+        steps=[8, 16, 32, 64, 100, 300],
+    )
+    anchors = generator(
+        ImageList(torch.zeros(args.batch, 3, 300, 300, device=device), [(300, 300)] * args.batch),
+        [torch.zeros(1, 1, s, s, device=device) for s in (38, 19, 10, 5, 3, 1)],
+    )
+    targets = [{"boxes": b * 300, "labels": lab + 1} for b, lab in zip(boxes, labels, strict=True)]
+    gt_boxes, gt_labels = pad_targets(boxes, labels, device=device)
+    ours_loss = MultiBoxLoss()
+
+    def torchvision_loss() -> torch.Tensor:
+        matched = [reference.proposal_matcher(box_iou(t["boxes"], a)) for t, a in zip(targets, anchors, strict=True)]
+        losses = reference.compute_loss(
+            targets, {"cls_logits": cls_logits, "bbox_regression": regression}, anchors, matched
+        )
+        return losses["bbox_regression"] + losses["classification"]
+
+    def ours() -> torch.Tensor:
+        return ours_loss(cls_logits, regression, grid, gt_boxes, gt_labels).total
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    results = {}
+    for label, fn in [("torchvision", torchvision_loss), ("ours", ours)]:
+        def forward(fn=fn) -> None:
+            with torch.no_grad():
+                fn()
+            sync()
+
+        def forward_backward(fn=fn) -> None:
+            fn().backward()
+            cls_logits.grad = regression.grad = None
+            sync()
+
+        results[label] = {
+            "forward_ms": statistics.median(_time(forward, args.repeats)) * 1e3,
+            "forward_backward_ms": statistics.median(_time(forward_backward, args.repeats)) * 1e3,
+        }
+    with torch.no_grad():
+        agreement = abs(float(ours()) - float(torchvision_loss())) / float(torchvision_loss())
+
+    report = {
+        "benchmark": "matching + MultiBox loss, SSD300 (8732 boxes, 21 classes)",
+        "batch": args.batch,
+        "objects": sum(counts),
+        "device": str(device),
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        "results": results,
+        "speedup_forward": results["torchvision"]["forward_ms"] / results["ours"]["forward_ms"],
+        "speedup_forward_backward": results["torchvision"]["forward_backward_ms"] / results["ours"]["forward_backward_ms"],
+        "relative_loss_difference": agreement,
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

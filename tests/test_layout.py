@@ -1,0 +1,82 @@
+"""The dependency rule of the design contract: model/ -> export/ -> service/, never backwards."""
+
+import ast
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FORBIDDEN = {
+    "model": {"export", "service"},
+    "export": {"service"},
+    "service": {"torch", "torchvision", "model", "export"},
+}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_no_import_against_the_pipeline(package):
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(_imports(path) & FORBIDDEN[package])
+        for path in (ROOT / package).rglob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_importing_every_service_module_loads_no_torch():
+    code = """
+import importlib, json, pkgutil, sys
+import service
+for info in pkgutil.walk_packages(service.__path__, "service."):
+    importlib.import_module(info.name)
+print(json.dumps(sorted(m for m in ("torch", "torchvision", "model", "export") if m in sys.modules)))
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_ssd_serve_command_path_loads_no_torch():
+    code = "import sys, cli; cli.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _closure(packages: dict[str, dict], roots: set[str]) -> set[str]:
+    seen, todo = set(), list(roots)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in packages:
+            continue
+        seen.add(name)
+        for dep in packages[name].get("dependencies", []):
+            todo.append(dep["name"])
+        for extra_deps in packages[name].get("optional-dependencies", {}).values():
+            todo.extend(d["name"] for d in extra_deps)
+    return seen
+
+
+def test_serving_install_pulls_no_torch():
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    packages = {p["name"]: p for p in lock["package"]}
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    serving = {
+        dep.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower()
+        for dep in project["dependency-groups"]["serving"]
+    }
+    installed = _closure(packages, serving)
+    assert "fastapi" in installed and "onnxruntime-gpu" in installed  # the walk really ran
+    assert not installed & {"torch", "torchvision", "onnx", "onnxscript"}, sorted(installed)
