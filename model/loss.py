@@ -82,16 +82,22 @@ class MultiBoxLoss(nn.Module):
                 raise ValueError(f"a ground-truth class id is >= {num_classes - 1}, the model's class count")
             image, prior = positive.nonzero(as_tuple=True)  # row-major, the order of [positive] below
             prior_boxes = priors.boxes if isinstance(priors, PriorGrid) else priors
-            target_offsets = encode(gt_boxes[image, matched[image, prior]], prior_boxes[prior], self.variances)
+            target_offsets = encode(
+                gt_boxes[image, matched[image, prior]], prior_boxes[prior], self.variances
+            )
 
         num_positives = positive.sum()
         normaliser = num_positives.clamp(min=1).float()
-        regression = F.smooth_l1_loss(bbox_regression[image, prior].float(), target_offsets.float(), reduction="sum")
+        regression = F.smooth_l1_loss(
+            bbox_regression[image, prior].float(), target_offsets.float(), reduction="sum"
+        )
 
         with torch.no_grad():
             # Rank every negative by its loss, without a graph: only the chosen rows need one.
             ranking = F.cross_entropy(
-                cls_logits.detach().reshape(-1, num_classes).float(), target_labels.reshape(-1), reduction="none"
+                cls_logits.detach().reshape(-1, num_classes).float(),
+                target_labels.reshape(-1),
+                reduction="none",
             ).view(batch, num_priors)
             positives_per_image = positive.sum(dim=1)
             negatives_wanted = (positives_per_image * self.neg_pos_ratio).floor().long()

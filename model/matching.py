@@ -56,7 +56,9 @@ def pad_targets(
 
 
 class _Overlaps(NamedTuple):
-    prior_iou: Tensor  # [B, N] best IoU of each default box with a truth of its image; exact where >= threshold
+    prior_iou: (
+        Tensor  # [B, N] best IoU of each default box with a truth of its image; exact where >= threshold
+    )
     prior_truth: Tensor  # int64 [B, N] which truth (index into M)
     truth_iou: Tensor  # [G] best IoU of each real truth with any default box (exact)
     truth_prior: Tensor  # int64 [G] which default box
@@ -72,7 +74,7 @@ def _dense_overlaps(gt_boxes: Tensor, valid: Tensor, priors: Tensor) -> _Overlap
 
 
 def _grid_overlaps(gt_boxes: Tensor, valid: Tensor, grid: PriorGrid, threshold: float) -> _Overlaps:
-    batch, truths = valid.shape
+    batch = valid.shape[0]
     num_priors = len(grid)
     device = gt_boxes.device
     image, slot = valid.nonzero(as_tuple=True)  # [G], grouped by image
@@ -108,7 +110,9 @@ def _grid_overlaps(gt_boxes: Tensor, valid: Tensor, grid: PriorGrid, threshold: 
     # the lowest truth index, as an argmax over all truths of the image would give.
     pair_truth, pair_prior, pair_iou = torch.cat(pair_truth), torch.cat(pair_prior), torch.cat(pair_iou)
     key = image[pair_truth] * num_priors + pair_prior
-    prior_iou = torch.full((batch * num_priors,), -1.0, device=device).scatter_reduce(0, key, pair_iou, "amax")
+    prior_iou = torch.full((batch * num_priors,), -1.0, device=device).scatter_reduce(
+        0, key, pair_iou, "amax"
+    )
     top = pair_iou == prior_iou[key]
     prior_truth = torch.zeros(batch * num_priors, dtype=torch.int64, device=device).scatter_reduce(
         0, key[top], slot[pair_truth[top]], "amin", include_self=False

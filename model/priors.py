@@ -147,10 +147,14 @@ class PriorGrid:
             block = corners[start : start + rows * cols * shapes].view(rows, cols, shapes, 4)
             x = block[0, :, :, 0::2].contiguous()  # [cols, A, 2]: x0, x1 of each column and shape
             y = block[:, 0, :, 1::2].contiguous()  # [rows, A, 2]: y0, y1 of each row and shape
-            if not (torch.equal(block[..., 0::2], x.expand(rows, -1, -1, -1))
-                    and torch.equal(block[..., 1::2], y[:, None].expand(-1, cols, -1, -1))):
+            if not (
+                torch.equal(block[..., 0::2], x.expand(rows, -1, -1, -1))
+                and torch.equal(block[..., 1::2], y[:, None].expand(-1, cols, -1, -1))
+            ):
                 raise ValueError("these default boxes are not laid out on a grid as default_boxes makes them")
-            area = (x[None, :, :, 1] - x[None, :, :, 0]) * (y[:, None, :, 1] - y[:, None, :, 0])  # [rows, cols, A]
+            area = (x[None, :, :, 1] - x[None, :, :, 0]) * (
+                y[:, None, :, 1] - y[:, None, :, 0]
+            )  # [rows, cols, A]
             self.maps.append((x, y, area))
             flat = area.reshape(-1, shapes)
             self.area_range.append((flat.amin(dim=0), flat.amax(dim=0)))

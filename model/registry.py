@@ -111,7 +111,7 @@ MODELS: dict[str, ModelSpec] = {
             steps=(8, 16, 32, 64, 100, 300),
             build_backbone=backbones.build_resnet50,
             build_head=SSDHead,
-            description="SSD300, ResNet-50 to conv4 with batch-norm extra layers (NVIDIA's variant); 8732 boxes",
+            description="SSD300, ResNet-50 to conv4, batch-norm extra layers (NVIDIA's variant); 8732 boxes",
         ),
     ]
 }

@@ -14,7 +14,8 @@ class SSD(nn.Module):
     """Single Shot MultiBox Detector.
 
     ``forward`` takes images already resized to ``input_size`` with values in [0, 1] and returns
-    the raw head outputs; ``model.loss`` and ``model.postprocess`` turn them into a loss or
+    the raw head outputs; :class:`~model.loss.MultiBoxLoss` (with ``model.prior_grid``) and
+    :func:`~model.postprocess.postprocess` (with ``model.priors``) turn them into a loss or
     detections. Normalisation (each backbone's own mean and std) happens inside, so that
     training, evaluation and the exported graph all feed the network the same way.
 

@@ -63,8 +63,9 @@ def read_weights(model_name: str, source: str | Path) -> LoadedWeights:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except OSError as exc:  # URLError included
         raise WeightsError(
-            f"could not download {enum.__name__}.{weights.name} ({exc}). Without network, fetch {weights.url} "
-            f"elsewhere and pass the file instead, or put it in torch's hub cache ({torch.hub.get_dir()}/checkpoints)."
+            f"could not download {enum.__name__}.{weights.name} ({exc}). Without network, fetch "
+            f"{weights.url} elsewhere and pass the file instead, or put it in torch's hub cache "
+            f"({torch.hub.get_dir()}/checkpoints)."
         ) from exc
     return LoadedWeights(
         state, f"{enum.__name__}.{weights.name}", list(weights.meta.get("categories") or []) or None

@@ -113,7 +113,7 @@ def test_hard_negatives_are_the_hardest_three_per_positive():
 
 
 def test_class_id_out_of_range_is_named():
-    boxes, labels, cls_logits, regression = _batch(4, [2])
+    boxes, _, cls_logits, regression = _batch(4, [2])
     with pytest.raises(ValueError, match="class id"):
         MultiBoxLoss()(cls_logits, regression, PRIORS, *pad_targets(boxes, [torch.tensor([3, 25])]))
 

@@ -95,7 +95,7 @@ def _awkward_boxes(g, count):
     tiny = random_boxes(g, 4) * 0.02 + torch.rand(1, 2, generator=g).repeat(1, 2) * 0.9  # ~1% of the side
     huge = torch.tensor([[0.0, 0.0, 1.0, 1.0], [-0.2, -0.1, 1.1, 1.2]])
     thin = torch.tensor([[0.1, 0.45, 0.9, 0.47], [0.30, 0.0, 0.31, 1.0]])  # aspect ratios of 40 and 100
-    return torch.cat(boxes + [tiny, huge, thin])
+    return torch.cat([*boxes, tiny, huge, thin])
 
 
 @pytest.mark.parametrize("grid", GRIDS, ids=["ssd300", "ssdlite320", "ssd512"])
@@ -108,7 +108,10 @@ def test_grid_iou_is_box_iou_to_the_bit(grid):
 @pytest.mark.parametrize("seed", range(4))
 def test_grid_matching_equals_dense_matching(grid, seed):
     g = torch.Generator().manual_seed(seed)
-    boxes = [_awkward_boxes(g, n) for n in (0, 3, 25)] + [random_boxes(g, 1).expand(5, 4), random_boxes(g, 40)]
+    boxes = [_awkward_boxes(g, n) for n in (0, 3, 25)] + [
+        random_boxes(g, 1).expand(5, 4),
+        random_boxes(g, 40),
+    ]
     boxes[0] = boxes[0][:0]  # an empty image
     labels = [torch.zeros(len(b), dtype=torch.long) for b in boxes]
     gt_boxes, gt_labels = pad_targets(boxes, labels)

@@ -4,7 +4,11 @@ import urllib.error
 import pytest
 import torch
 from torchvision.models import MobileNet_V3_Large_Weights, mobilenet_v3_large
-from torchvision.models.detection import SSDLite320_MobileNet_V3_Large_Weights, ssd300_vgg16, ssdlite320_mobilenet_v3_large
+from torchvision.models.detection import (
+    SSDLite320_MobileNet_V3_Large_Weights,
+    ssd300_vgg16,
+    ssdlite320_mobilenet_v3_large,
+)
 
 from model import MODELS, PostprocessConfig, build_model, postprocess
 from model.weights import WeightsError, build_from_weights, load_into, num_classes_in, read_weights
@@ -23,7 +27,9 @@ def _torchvision(name, num_classes):
     last head layers scaled to logits of std 2 and offsets of std 0.5.
     """
     torch.manual_seed(0)
-    builder = {"ssd300_vgg16": ssd300_vgg16, "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large}[name]
+    builder = {"ssd300_vgg16": ssd300_vgg16, "ssdlite320_mobilenet_v3_large": ssdlite320_mobilenet_v3_large}[
+        name
+    ]
     model = builder(weights=None, weights_backbone=None, num_classes=num_classes).eval()
     size = model.transform.fixed_size
     with torch.no_grad():
@@ -65,7 +71,10 @@ def test_torchvision_checkpoint_gives_the_same_outputs(tmp_path, name, size):
 
     # The whole pipeline: torchvision's model end to end against ours plus our post-processing.
     reference.score_thresh, reference.nms_thresh, reference.topk_candidates, reference.detections_per_img = (
-        0.01, 0.45, 400, 200,
+        0.01,
+        0.45,
+        400,
+        200,
     )
     with torch.no_grad():
         theirs = reference(list(images))
@@ -87,8 +96,13 @@ def test_reference_checkpoint_layout_with_model_key(tmp_path):
 def test_weights_enum_from_the_hub_cache(tmp_path, monkeypatch):
     """With no network, torchvision's weights enum still works from torch's hub cache."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(url, *args, **kwargs):  # as on a machine without network, wherever the test runs
+        raise urllib.error.URLError(f"no network for {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     weights = SSDLite320_MobileNet_V3_Large_Weights.COCO_V1
-    with pytest.raises(WeightsError, match="could not download .*COCO_V1"):
+    with pytest.raises(WeightsError, match=r"could not download .*COCO_V1"):
         read_weights("ssdlite320_mobilenet_v3_large", "COCO_V1")
 
     cache = tmp_path / "hub" / "checkpoints"
@@ -124,7 +138,9 @@ def test_backbone_weights_from_a_file(tmp_path):
     torch.manual_seed(2)
     net = mobilenet_v3_large()  # full tail, as the ImageNet weights have it
     torch.save(net.state_dict(), tmp_path / "mnv3.pth")
-    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=3, backbone_weights=tmp_path / "mnv3.pth")
+    model = build_model(
+        "ssdlite320_mobilenet_v3_large", num_classes=3, backbone_weights=tmp_path / "mnv3.pth"
+    )
     first_conv = model.backbone.features[0][0][0].weight
     assert torch.equal(first_conv, net.features[0][0].weight)
 

@@ -9,7 +9,10 @@ from model import MultiBoxLoss, PostprocessConfig, build_model, pad_targets, pos
 
 def _two_images():
     images = torch.full((2, 3, 320, 320), 0.5)
-    boxes = [torch.tensor([[0.10, 0.10, 0.40, 0.50], [0.55, 0.30, 0.90, 0.80]]), torch.tensor([[0.20, 0.25, 0.70, 0.60]])]
+    boxes = [
+        torch.tensor([[0.10, 0.10, 0.40, 0.50], [0.55, 0.30, 0.90, 0.80]]),
+        torch.tensor([[0.20, 0.25, 0.70, 0.60]]),
+    ]
     labels = [torch.tensor([0, 1]), torch.tensor([1])]
     colours = [torch.tensor([1.0, 0.1, 0.1]), torch.tensor([0.1, 0.2, 1.0])]
     for i, (image_boxes, image_labels) in enumerate(zip(boxes, labels, strict=True)):
@@ -52,7 +55,9 @@ def test_small_model_overfits_two_images():
 
     _recalibrate_batch_norm(model, images)
     with torch.no_grad():
-        detections = postprocess(*model(images), model.priors, PostprocessConfig(score_threshold=0.5)).per_image()
+        detections = postprocess(
+            *model(images), model.priors, PostprocessConfig(score_threshold=0.5)
+        ).per_image()
     for found, truth_boxes, truth_labels in zip(detections, boxes, labels, strict=True):
         assert len(found["scores"]) == len(truth_boxes), found
         iou = box_iou(truth_boxes, found["boxes"])

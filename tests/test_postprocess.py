@@ -38,7 +38,9 @@ def test_equal_to_torchvision_with_few_candidates(torchvision_ssd):
     g = torch.Generator().manual_seed(11)
     for image in range(2):  # a few dozen confident objects
         where = torch.randint(0, len(PRIORS), (60,), generator=g)
-        cls_logits[image, where, torch.randint(1, 21, (60,), generator=g)] += 15.0 + torch.rand(60, generator=g)
+        cls_logits[image, where, torch.randint(1, 21, (60,), generator=g)] += 15.0 + torch.rand(
+            60, generator=g
+        )
     expected = torchvision_ssd.postprocess_detections(
         {"cls_logits": cls_logits, "bbox_regression": regression}, [ANCHORS] * 2, [(300, 300)] * 2
     )
@@ -78,4 +80,9 @@ def test_empty_boxes_are_dropped():
     # Push every box far outside the image: clipped to [0, 1] they have no area left.
     regression[..., 0] = 1000.0
     assert postprocess(cls_logits, regression, PRIORS).num_detections.item() == 0
-    assert postprocess(cls_logits, regression, PRIORS, PostprocessConfig(remove_empty=False)).num_detections.item() > 0
+    assert (
+        postprocess(
+            cls_logits, regression, PRIORS, PostprocessConfig(remove_empty=False)
+        ).num_detections.item()
+        > 0
+    )
