@@ -127,7 +127,9 @@ def main() -> None:
         agreement = abs(float(ours()) - float(torchvision_loss())) / float(torchvision_loss())
         # Ground truths left with no default box at all: the tie bug of the naive matching rule.
         tv_lost = sum(
-            len(set(range(len(t["boxes"]))) - set(reference.proposal_matcher(box_iou(t["boxes"], a)).tolist()))
+            len(
+                set(range(len(t["boxes"]))) - set(reference.proposal_matcher(box_iou(t["boxes"], a)).tolist())
+            )
             for t, a in zip(targets, anchors, strict=True)
         )
         matched = match(gt_boxes, gt_labels, grid)
