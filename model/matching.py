@@ -108,7 +108,11 @@ def _grid_overlaps(gt_boxes: Tensor, valid: Tensor, grid: PriorGrid, threshold: 
 
     # Best truth of each default box, among the pairs over the threshold: highest IoU, then
     # the lowest truth index, as an argmax over all truths of the image would give.
-    pair_truth, pair_prior, pair_iou = torch.cat(pair_truth), torch.cat(pair_prior), torch.cat(pair_iou)
+    if pair_truth:
+        pair_truth, pair_prior, pair_iou = torch.cat(pair_truth), torch.cat(pair_prior), torch.cat(pair_iou)
+    else:  # no object overlaps any default box by the threshold (or there is no object at all)
+        pair_truth = pair_prior = torch.zeros(0, dtype=torch.int64, device=device)
+        pair_iou = torch.zeros(0, device=device)
     key = image[pair_truth] * num_priors + pair_prior
     prior_iou = torch.full((batch * num_priors,), -1.0, device=device).scatter_reduce(
         0, key, pair_iou, "amax"

@@ -128,3 +128,14 @@ def test_grid_priors_give_the_same_loss():
     fast = MultiBoxLoss()(cls_logits, regression, grid, *targets)
     assert torch.equal(dense.num_positives, fast.num_positives)
     torch.testing.assert_close(fast.total, dense.total, rtol=1e-6, atol=0)
+
+
+def test_no_objects_with_grid_priors():
+    from model import build_model
+
+    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=4)
+    cls_logits = torch.randn(2, model.num_priors, 4, requires_grad=True)
+    empty = pad_targets([torch.zeros(0, 4)] * 2, [torch.zeros(0, dtype=torch.long)] * 2)
+    parts = MultiBoxLoss()(cls_logits, torch.randn(2, model.num_priors, 4), model.prior_grid, *empty)
+    assert torch.isfinite(parts.total) and parts.num_positives == 0
+    parts.total.backward()

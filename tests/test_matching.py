@@ -128,3 +128,15 @@ def test_grid_refuses_boxes_that_are_not_a_grid():
         PriorGrid(shuffled, *layout)
     with pytest.raises(ValueError, match="hold 8731 default boxes, not 8732"):
         PriorGrid(PRIORS, layout[0], [4, 6, 6, 6, 4, 3])
+
+
+@pytest.mark.parametrize("grid", GRIDS[:1], ids=["ssd300"])
+def test_grid_matching_without_objects_or_without_overlaps(grid):
+    empty = pad_targets([torch.zeros(0, 4)] * 3, [torch.zeros(0, dtype=torch.long)] * 3)
+    assert (match(*empty, grid) == -1).all()
+    # Specks far smaller than any default box: no IoU reaches 0.5, yet each gets its forced box.
+    specks = torch.tensor([[[0.500, 0.500, 0.502, 0.502], [0.1, 0.1, 0.101, 0.103]]])
+    labels = torch.tensor([[0, 1]])
+    matched = match(specks, labels, grid)
+    assert torch.equal(matched, match(specks, labels, grid.boxes))
+    assert sorted(set(matched[0].tolist()) - {-1}) == [0, 1]
