@@ -89,7 +89,8 @@ class DetectionDataset(torch.utils.data.Dataset):
             raise DatasetError(f"{ann.path}: cannot read the image ({exc})") from exc
         if rgb.size != (ann.width, ann.height):
             raise DatasetError(
-                f"{ann.path}: the image is {rgb.size[0]}x{rgb.size[1]}, the annotation says {ann.width}x{ann.height}"
+                f"{ann.path}: the image is {rgb.size[0]}x{rgb.size[1]}, "
+                f"the annotation says {ann.width}x{ann.height}"
             )
         return rgb
 
