@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 NOT_BUILT = 2  # exit code of a subcommand that a later issue builds
 
@@ -46,6 +47,55 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_synth(args: argparse.Namespace) -> int:
+    from model.data.synth import generate
+
+    out = generate(
+        Path(args.out),
+        args.format,
+        images=args.images,
+        val_images=args.val_images,
+        seed=args.seed,
+        image_size=(args.size, args.size),
+    )
+    print(f"ssd data synth: wrote {out}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model import train
+
+    return train.main(args.argv)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.checkpoint import CheckpointError, load_model
+    from model.data import DatasetError, open_dataset
+    from model.inference import evaluate_model
+
+    try:
+        model, checkpoint = load_model(args.checkpoint)
+        dataset = open_dataset(args.data, args.split, images_dir=args.images)
+    except (CheckpointError, DatasetError, FileNotFoundError) as exc:
+        print(f"ssd evaluate: {exc}", file=sys.stderr)
+        return 2
+    if dataset.classes != checkpoint["classes"]:
+        print(
+            f"ssd evaluate: the dataset's classes {dataset.classes} "
+            f"are not the checkpoint's {checkpoint['classes']}",
+            file=sys.stderr,
+        )
+        return 2
+    device = torch.device(args.device)
+    metrics = evaluate_model(
+        model.to(device), dataset, batch_size=args.batch_size, workers=args.workers, device=device
+    )
+    print(json.dumps(metrics))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detection: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -55,11 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON")
     models.set_defaults(run=_models)
 
+    data = sub.add_parser("data", help="datasets: write the built-in synthetic one")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    synth = data_sub.add_parser("synth", help="write the built-in synthetic dataset in a real on-disk format")
+    synth.add_argument("--out", required=True, help="folder to write")
+    synth.add_argument("--format", choices=["voc", "coco", "yolo"], default="voc")
+    synth.add_argument("--images", type=int, default=2000, help="training images (default 2000)")
+    synth.add_argument(
+        "--val-images", type=int, default=None, help="validation images (default 15%% of --images)"
+    )
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", type=int, default=320, help="image side in pixels (default 320)")
+    synth.set_defaults(run=_data_synth)
+
+    # `ssd train` hands its arguments to model.train, which torchrun can also run as a module.
+    train = sub.add_parser("train", help="train a model (see `ssd train --help`)", add_help=False)
+    train.set_defaults(run=_train, accepts_any=True)
+
+    evaluate = sub.add_parser("evaluate", help="COCO and VOC07 mAP of a checkpoint; prints one JSON object")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument(
+        "--data", required=True, help="a VOC root, a COCO instances JSON or a YOLO data.yaml"
+    )
+    evaluate.add_argument("--split", default="val")
+    evaluate.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--workers", type=int, default=0)
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.set_defaults(run=_evaluate)
+
     # Built by later issues; each parser keeps its contract name so that `ssd --help` lists it.
     for name, text in [
-        ("data", "write the built-in synthetic dataset"),
-        ("train", "train a model"),
-        ("evaluate", "COCO and VOC07 mAP of a checkpoint"),
         ("export", "write the ONNX model artifact"),
         ("predict", "run an ONNX artifact on images"),
         ("serve", "run the detection service"),
@@ -72,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, unknown = parser.parse_known_args(argv)
+    args.argv = argv[argv.index(args.command) + 1 :]
     if unknown and not getattr(args, "accepts_any", False):
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     sys.exit(args.run(args))

@@ -12,30 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
-from datetime import UTC, datetime
 
 import torch
+from machine import machine_info
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from model import MultiBoxLoss, build_model, match, pad_targets
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -139,12 +126,7 @@ def main() -> None:
         "benchmark": "matching + MultiBox loss, SSD300 (8732 boxes, 21 classes)",
         "batch": args.batch,
         "objects": sum(counts),
-        "device": str(device),
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d"),
+        **machine_info(device),
         "results": results,
         "speedup_forward": results["torchvision"]["forward_ms"] / results["ours"]["forward_ms"],
         "speedup_forward_backward": results["torchvision"]["forward_backward_ms"]

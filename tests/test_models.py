@@ -190,3 +190,17 @@ def test_architecture_details():
     assert voc.priors[0, 2].item() == pytest.approx(0.1)  # 30 px at 300
     with pytest.raises(ValueError, match="no scale set"):
         build_model("ssdlite320_mobilenet_v3_large", num_classes=3, scale_set="voc")
+
+
+def test_channels_last_gives_the_same_outputs_and_state_dict():
+    model = build_model("ssdlite320_mobilenet_v3_large", num_classes=3).eval()
+    images = torch.rand(2, 3, 320, 320)
+    with torch.no_grad():
+        expected = model(images)
+        model.use_channels_last()
+        got = model(images)
+    assert model.backbone.features[0][0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    fresh = build_model("ssdlite320_mobilenet_v3_large", num_classes=3)
+    assert set(model.state_dict()) == set(fresh.state_dict())

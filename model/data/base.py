@@ -55,6 +55,81 @@ class Annotation:
         self.crowd = (
             np.asarray(self.crowd, dtype=bool).reshape(-1) if len(self.crowd) else np.zeros(count, dtype=bool)
         )
+        if len(self.difficult) != count or len(self.crowd) != count:
+            raise ValueError(
+                f"{self.path}: {count} boxes but {len(self.difficult)} difficult "
+                f"and {len(self.crowd)} crowd flags"
+            )
+
+
+def read_image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the image's header: PIL opens lazily, nothing is decoded.
+
+    A missing file or an unreadable header is a :class:`DatasetError` naming the file; a file
+    whose header is fine but whose data is truncated is only found when it is decoded.
+    """
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except FileNotFoundError as exc:
+        raise DatasetError(f"{path}: image file not found") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DatasetError(f"{path}: cannot read the image header ({exc})") from exc
+
+
+def clip_boxes(
+    boxes: np.ndarray, width: int, height: int, source: Path | str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Clip xyxy pixel boxes to the image and find those left with positive area.
+
+    boxes: float [M, 4] x_min, y_min, x_max, y_max in pixels. Returns ``(clipped, keep)``:
+    float32 [M, 4] clipped to ``[0, width] x [0, height]``, and bool [M], False for a box whose
+    area is zero or negative before or after clipping (the caller drops those and warns once per
+    file). A non-finite coordinate is a :class:`DatasetError` naming ``source``: clipping would
+    turn it into a plausible but wrong box.
+    """
+    boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    if not np.isfinite(boxes).all():
+        raise DatasetError(f"{source}: a box has a non-finite coordinate")
+    valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    clipped = np.empty_like(boxes)
+    clipped[:, 0::2] = boxes[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = boxes[:, 1::2].clip(0, height)
+    keep = valid & (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, keep
+
+
+def make_annotation(
+    image_id: int,
+    path: Path,
+    width: int,
+    height: int,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    source: Path | str,
+    difficult: np.ndarray | None = None,
+    crowd: np.ndarray | None = None,
+) -> tuple[Annotation, int]:
+    """An :class:`Annotation` with its boxes clipped and the degenerate ones dropped.
+
+    boxes: float [M, 4] xyxy pixels; labels: int [M]; difficult, crowd: bool [M] or None.
+    Returns the annotation and how many boxes were dropped, so that the caller warns once per
+    file (``source``) rather than once per box.
+    """
+    clipped, keep = clip_boxes(boxes, width, height, source)
+    count = len(clipped)
+    flags = [np.zeros(count, bool) if f is None else np.asarray(f, bool) for f in (difficult, crowd)]
+    annotation = Annotation(
+        image_id=image_id,
+        path=path,
+        width=width,
+        height=height,
+        boxes=clipped[keep],
+        labels=np.asarray(labels, dtype=np.int64).reshape(count)[keep],
+        difficult=flags[0][keep],
+        crowd=flags[1][keep],
+    )
+    return annotation, int(count - keep.sum())
 
 
 Transform = Callable[[tv_tensors.Image, dict[str, Any]], tuple[Any, dict[str, Any]]]
@@ -68,14 +143,27 @@ class DetectionDataset(torch.utils.data.Dataset):
     ``labels`` (int64 [M]), ``difficult`` (bool [M]) and ``image_id`` (int). Crowd boxes are
     left out here (they are for evaluation). ``transform(image, target)``, when given, is applied
     last (torchvision.transforms.v2 style).
+
+    ``category_ids[i]`` is the id that class ``i`` has in COCO-format files (results, ground
+    truth for pycocotools): the original ids for a COCO dataset, ``1..len(classes)`` otherwise.
     """
 
     def __init__(
-        self, annotations: Sequence[Annotation], classes: Sequence[str], transform: Transform | None = None
+        self,
+        annotations: Sequence[Annotation],
+        classes: Sequence[str],
+        transform: Transform | None = None,
+        *,
+        category_ids: Sequence[int] | None = None,
     ) -> None:
         self.annotations = list(annotations)
         self.classes = list(classes)
         self.transform = transform
+        self.category_ids = (
+            list(category_ids) if category_ids is not None else list(range(1, len(self.classes) + 1))
+        )
+        if len(self.category_ids) != len(self.classes):
+            raise ValueError(f"{len(self.classes)} classes but {len(self.category_ids)} category ids")
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -85,7 +173,8 @@ class DetectionDataset(torch.utils.data.Dataset):
         try:
             with Image.open(ann.path) as image:
                 rgb = image.convert("RGB")
-        except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for corrupt files
+        # PIL raises these for corrupt files; DecompressionBombError is none of them.
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
             raise DatasetError(f"{ann.path}: cannot read the image ({exc})") from exc
         if rgb.size != (ann.width, ann.height):
             raise DatasetError(

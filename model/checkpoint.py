@@ -1,0 +1,92 @@
+"""Training checkpoints: written atomically, read back into a ready model.
+
+A checkpoint is a dict saved with torch.save: ``model`` (state dict), ``model_name``,
+``num_classes`` (background included), ``scale_set``, ``classes`` (names, background excluded),
+``epoch`` (completed epochs), ``config``, ``metrics`` (the last validation metrics) and, for
+resuming, ``optimizer``, ``scheduler``, ``scaler``, ``best_map`` and ``rng`` states.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .registry import build_model
+from .ssd import SSD
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read, or is not one of ours; the message names the file."""
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """torch.save to a temporary file beside ``path``, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        # Our checkpoints hold RNG states (numpy arrays, tuples), so they are not weights-only.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable checkpoint: {exc}") from exc
+    missing = {"model", "model_name", "num_classes", "classes"} - set(
+        checkpoint if isinstance(checkpoint, dict) else {}
+    )
+    if missing:
+        raise CheckpointError(f"{path} is not an ssd training checkpoint (missing {sorted(missing)})")
+    return checkpoint
+
+
+def load_model(path: str | Path) -> tuple[SSD, dict[str, Any]]:
+    """The model of a checkpoint, in eval mode on the CPU, and the checkpoint's other entries."""
+    checkpoint = read_checkpoint(path)
+    model = build_model(
+        checkpoint["model_name"], checkpoint["num_classes"], scale_set=checkpoint.get("scale_set")
+    )
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

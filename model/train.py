@@ -1,0 +1,469 @@
+"""Training, in one file: read it top to bottom to see the whole loop.
+
+    ssd train --model ssdlite320_mobilenet_v3_large --data DATA --epochs 30 --out runs/demo
+    torchrun --nproc_per_node 4 -m model.train --model ssd300_vgg16 --data VOC --device cuda --amp
+
+One process, or one per GPU (or CPU, with the gloo backend) under torchrun: the existing engine,
+no launcher of our own. ``--batch-size`` is per process; the learning rate of a recipe is given
+for a reference batch and scaled linearly to the global batch, unless ``--lr`` sets it.
+
+Each epoch: augmented batches -> network -> MultiBox loss -> SGD step (with warm-up, then a
+cosine or multi-step schedule), then evaluation on the validation split, then ``last.pt`` (and
+``best.pt`` when the validation mAP improves), written atomically. ``--resume`` continues from
+``last.pt`` exactly: the weights after two epochs in one run equal those after one epoch plus
+one resumed (tested).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from .checkpoint import atomic_save, read_checkpoint, rng_state, set_rng_state
+from .data import open_dataset
+from .inference import evaluate_model
+from .loss import MultiBoxLoss
+from .malloc import keep_freed_memory
+from .registry import MODELS, build_model
+from .transforms import collate, train_transforms
+
+log = logging.getLogger("ssd.train")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Per-model defaults, from the published recipes."""
+
+    lr: float  # for ``reference_batch`` images per step
+    reference_batch: int
+    weight_decay: float
+    schedule: str  # "cosine" or "multistep"
+    milestones: tuple[float, ...] = ()  # multistep: fractions of the run at which the lr drops 10x
+    backbone_weights: str | None = "imagenet"
+    photometric: bool = True
+    zoom_out: bool = True
+
+
+RECIPES = {
+    # Caffe SSD and torchvision's references: lr 1e-3 to 2e-3 at batch 32, steps at 2/3 and 11/12.
+    "ssd300_vgg16": Recipe(0.002, 32, 5e-4, "multistep", (2 / 3, 11 / 12)),
+    "ssd512_vgg16": Recipe(0.002, 32, 5e-4, "multistep", (2 / 3, 11 / 12)),
+    # NVIDIA's SSD300 ResNet-50: lr 2.6e-3 at batch 32, steps at epochs 43 and 54 of 65.
+    "ssd300_resnet50": Recipe(0.0026, 32, 5e-4, "multistep", (43 / 65, 54 / 65)),
+    # torchvision's SSDlite: lr 0.15 at batch 192 (8 x 24), cosine, weight decay 4e-5, from scratch,
+    # no photometric distortion or zoom out.
+    "ssdlite320_mobilenet_v3_large": Recipe(
+        0.15, 192, 4e-5, "cosine", backbone_weights=None, photometric=False, zoom_out=False
+    ),
+}
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    out: str = "runs/train"
+    epochs: int = 30
+    batch_size: int = 32  # per process
+    lr: float | None = None  # None: the recipe's, scaled to the global batch
+    momentum: float = 0.9
+    weight_decay: float | None = None  # None: the recipe's; never applied to norms and biases
+    schedule: str | None = None  # cosine | multistep; None: the recipe's
+    warmup_iters: int = 1000  # linear warm-up from lr/1000, at most one epoch long
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    amp: bool = False
+    workers: int = min(4, os.cpu_count() or 1)
+    seed: int = 0
+    resume: bool = False
+    freeze_backbone: bool = False
+    backbone_weights: str | None = "recipe"  # "recipe", "imagenet", "none" or a file
+    scale_set: str | None = None
+    train_split: str = "train"
+    val_split: str = "val"
+    images: str | None = None  # COCO: the image folder, when not beside the JSON
+    photometric: bool | None = None  # None: the recipe's
+    zoom_out: bool | None = None
+    log_every: int = 20  # steps between TensorBoard points
+    stop_after: int | None = (
+        None  # stop after this many epochs of this run; the schedule stays that of ``epochs``
+    )
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def _is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and L2Norm's scale (every parameter of rank <= 1)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: Sequence[float]) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step`` of ``total``."""
+    warm = 1.0 if step >= warmup else 1e-3 + (1 - 1e-3) * step / warmup
+    if schedule == "cosine":
+        return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return warm * 0.1 ** sum(step >= int(m * total) for m in milestones)
+
+
+def _write_plot(history: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train"]["loss"] for h in history], label="total")
+    left.plot(epochs, [h["train"]["regression"] for h in history], label="regression")
+    left.plot(epochs, [h["train"]["classification"] for h in history], label="classification")
+    left.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    left.legend()
+    with_val = [h for h in history if h.get("val")]
+    for key, label in [("map50", "mAP@0.5"), ("map", "mAP@[.5:.95]"), ("voc07_map", "VOC07 mAP")]:
+        right.plot([h["epoch"] for h in with_val], [h["val"][key] for h in with_val], marker="o", label=label)
+    right.set(xlabel="epoch", ylabel="validation", title="Validation mAP", ylim=(0, 1))
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(config: TrainConfig) -> Path:
+    """Train as configured; returns the run folder."""
+    # ---- processes and devices -------------------------------------------------------------
+    keep_freed_memory()  # see malloc.py: more than halves a CPU training step here
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    amp = config.amp and device.type == "cuda"
+    if config.amp and not amp:
+        log.warning("--amp needs CUDA; training in float32 on %s", device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: the fastest kernels are worth the search
+    run = Path(config.out)
+    torch.manual_seed(config.seed + rank)
+
+    # ---- data --------------------------------------------------------------------------------
+    if config.model not in MODELS:
+        raise SystemExit(f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
+    spec, recipe = MODELS[config.model], RECIPES[config.model]
+    augment = train_transforms(
+        spec.input_size,
+        photometric=recipe.photometric if config.photometric is None else config.photometric,
+        zoom_out=recipe.zoom_out if config.zoom_out is None else config.zoom_out,
+        fill=spec.image_mean,
+    )
+    train_set = open_dataset(config.data, config.train_split, images_dir=config.images, transform=augment)
+    try:
+        val_set = open_dataset(config.data, config.val_split, images_dir=config.images)
+    except ValueError as exc:
+        log.warning("no validation split (%s): best.pt will follow last.pt", exc)
+        val_set = None
+    if len(train_set) < config.batch_size * world:
+        raise SystemExit(
+            f"{len(train_set)} training images cannot fill one batch of {config.batch_size} "
+            f"x {world} processes"
+        )
+    classes = train_set.classes
+
+    # ---- model, loss, optimizer, schedule ----------------------------------------------------
+    weights = recipe.backbone_weights if config.backbone_weights == "recipe" else config.backbone_weights
+    model = build_model(
+        config.model,
+        len(classes) + 1,
+        backbone_weights=None if weights in (None, "none") else weights,
+        freeze_base=config.freeze_backbone,
+        scale_set=config.scale_set,
+    ).to(device)
+    model.use_channels_last()
+    grid = model.prior_grid
+    loss_fn = MultiBoxLoss()
+    weight_decay = recipe.weight_decay if config.weight_decay is None else config.weight_decay
+    lr = (
+        config.lr if config.lr is not None else recipe.lr * config.batch_size * world / recipe.reference_batch
+    )
+    optimizer = torch.optim.SGD(_parameter_groups(model, weight_decay), lr=lr, momentum=config.momentum)
+    steps_per_epoch = len(train_set) // (config.batch_size * world)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = min(config.warmup_iters, steps_per_epoch)
+    schedule = config.schedule or recipe.schedule
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: _lr_factor(step, total_steps, warmup, schedule, recipe.milestones)
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    net = (
+        nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+        if distributed
+        else model
+    )
+
+    # ---- resume ------------------------------------------------------------------------------
+    start_epoch, best_map, history = 0, -1.0, []
+    if config.resume:
+        state = read_checkpoint(run / "last.pt")
+        if state["model_name"] != config.model or state["classes"] != classes:
+            raise SystemExit(
+                f"{run / 'last.pt'} is a {state['model_name']} on other classes; cannot resume it"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, best_map = state["epoch"], state["best_map"]
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        history = state.get("history", [])
+        log.info("resumed %s at epoch %d", run / "last.pt", start_epoch)
+
+    writer = None
+    if _is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        settings = dataclasses.asdict(config) | {
+            "classes": classes,
+            "world_size": world,
+            "lr_effective": lr,
+            "weight_decay_effective": weight_decay,
+            "schedule_effective": schedule,
+            "train_images": len(train_set),
+            "val_images": len(val_set) if val_set else 0,
+            "torch": str(torch.__version__),
+        }
+        import yaml
+
+        (run / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(run / "tensorboard")
+
+    def checkpoint(epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
+        states = [None] * world
+        if distributed:
+            dist.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        return {
+            "model": model.state_dict(),
+            "model_name": config.model,
+            "num_classes": len(classes) + 1,
+            "scale_set": config.scale_set,
+            "classes": classes,
+            "epoch": epoch,
+            "config": dataclasses.asdict(config),
+            "metrics": metrics,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "best_map": best_map,
+            "rng": states,
+            "history": history,
+        }
+
+    # ---- the loop ----------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    for epoch in range(start_epoch, config.epochs):
+        # Data order and worker seeds from (seed, epoch): the same after a resume.
+        order = torch.Generator().manual_seed(config.seed * 1000 + epoch)
+        if distributed:
+            sampler = DistributedSampler(
+                train_set, world, rank, shuffle=True, seed=config.seed, drop_last=True
+            )
+            sampler.set_epoch(epoch)
+        else:
+            sampler = RandomSampler(train_set, generator=order)
+        loader = DataLoader(
+            train_set,
+            batch_size=config.batch_size,
+            sampler=sampler,
+            num_workers=config.workers,
+            collate_fn=collate,
+            pin_memory=device.type == "cuda",
+            drop_last=True,
+            generator=order,
+        )
+        net.train()
+        totals = torch.zeros(3)
+        seen, started = 0, time.perf_counter()
+        bar = tqdm(
+            loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not _is_main(), dynamic_ncols=True
+        )
+        for step, (images, boxes, labels, _) in enumerate(bar):
+            images = images.to(device, non_blocking=True)
+            boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                cls_logits, regression = net(images)
+            parts = loss_fn(cls_logits.float(), regression.float(), grid, boxes, labels)
+            if not torch.isfinite(parts.total):
+                raise TrainingDiverged(
+                    f"the loss became {parts.total.item()} at epoch {epoch + 1}, step {step + 1} "
+                    f"(regression {parts.regression.item():.4g}, classification "
+                    f"{parts.classification.item():.4g}). The last good checkpoint is kept: "
+                    f"{run / 'last.pt'}. Try a lower --lr or check the data."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(parts.total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+
+            totals += torch.stack(
+                [parts.total.detach(), parts.regression.detach(), parts.classification.detach()]
+            ).cpu()
+            seen += len(images) * world
+            rate = seen / (time.perf_counter() - started)
+            current_lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{parts.total.item():.3f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.1f}")
+            global_step = epoch * steps_per_epoch + step
+            if writer is not None and global_step % config.log_every == 0:
+                writer.add_scalar("train/loss", parts.total.item(), global_step)
+                writer.add_scalar("train/lr", current_lr, global_step)
+                writer.add_scalar("train/images_per_s", rate, global_step)
+        bar.close()
+        elapsed = time.perf_counter() - started
+        steps = step + 1
+        record = {
+            "epoch": epoch + 1,
+            "train": dict(
+                zip(("loss", "regression", "classification"), (totals / steps).tolist(), strict=True)
+            ),
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": seen / elapsed,
+            "epoch_time_s": elapsed,
+        }
+
+        # ---- validation and checkpoints (first process) ------------------------------------
+        metrics = None
+        if _is_main() and val_set is not None:
+            metrics = evaluate_model(
+                model, val_set, batch_size=config.batch_size, workers=config.workers, device=device
+            )
+            record["val"] = metrics
+            log.info(
+                "epoch %d: loss %.4f, val mAP %.4f, mAP@.5 %.4f",
+                epoch + 1,
+                record["train"]["loss"],
+                metrics["map"],
+                metrics["map50"],
+            )
+        history.append(record)
+        improved = metrics is None or metrics["map"] > best_map
+        if metrics is not None and improved:
+            best_map = metrics["map"]
+        state = checkpoint(epoch + 1, metrics)
+        if _is_main():
+            atomic_save(state, run / "last.pt")
+            if improved:
+                atomic_save(state, run / "best.pt")
+            with open(run / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            for key, value in record["train"].items():
+                writer.add_scalar(f"epoch/{key}", value, epoch + 1)
+            if metrics is not None:
+                for key in ("map", "map50", "map75", "voc07_map"):
+                    writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
+        if distributed:
+            dist.barrier()
+        if config.stop_after is not None and epoch + 1 - start_epoch >= config.stop_after:
+            break
+
+    if _is_main():
+        writer.close()
+        _write_plot(history, run / "curves.png")
+    if distributed:
+        dist.destroy_process_group()
+    return run
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``ssd train`` (and of ``python -m model.train`` under torchrun)."""
+    defaults = TrainConfig(model="", data="")
+    parser.add_argument("--model", required=True, choices=list(MODELS))
+    parser.add_argument("--data", required=True, help="a VOC root, a COCO instances JSON or a YOLO data.yaml")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="default: the recipe's, scaled to the global batch"
+    )
+    parser.add_argument("--out", default=None, help="run folder (default runs/MODEL)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        help="stop after N epochs of this run (resume later); the schedule stays --epochs'",
+    )
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--weight-decay", type=float, default=None)
+    parser.add_argument("--schedule", choices=["cosine", "multistep"], default=None)
+    parser.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
+    parser.add_argument("--freeze-backbone", action="store_true", help="do not train the base network")
+    parser.add_argument(
+        "--backbone-weights", default="recipe", help="recipe (default), imagenet, none, or a state-dict file"
+    )
+    parser.add_argument("--scale-set", default=None, help="default box sizes: coco (default) or voc")
+    parser.add_argument("--train-split", default=defaults.train_split)
+    parser.add_argument("--val-split", default=defaults.val_split)
+    parser.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
+    parser.add_argument("--no-photometric", dest="photometric", action="store_false", default=None)
+    parser.add_argument("--no-zoom-out", dest="zoom_out", action="store_false", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    values["out"] = args.out or f"runs/{args.model}"
+    return TrainConfig(**values)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ssd train", description="Train an SSD.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run = train(config_from_args(args))
+    except TrainingDiverged as exc:
+        print(f"ssd train: {exc}", file=sys.stderr)
+        return 1
+    if _is_main():
+        print(f"ssd train: done; run folder {run}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Training on CPU: outputs, exact resume, divergence, and DDP with two gloo processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from model import train as training
+from model.checkpoint import load_model, read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from model.data.synth import generate
+
+    out = tmp_path_factory.mktemp("synth")
+    generate(out, "voc", images=8, val_images=4, seed=3, image_size=(160, 160))
+    return out
+
+
+def _config(data, out, **overrides):
+    values = dict(
+        model="ssdlite320_mobilenet_v3_large",
+        data=str(data),
+        out=str(out),
+        epochs=2,
+        batch_size=4,
+        workers=0,
+        device="cpu",
+        warmup_iters=1,
+        lr=0.01,
+    )
+    return training.TrainConfig(**(values | overrides))
+
+
+@pytest.mark.slow
+def test_outputs_and_exact_resume(tiny_data, tmp_path):
+    straight = training.train(_config(tiny_data, tmp_path / "straight"))
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png"):
+        assert (straight / name).is_file(), name
+    assert any((straight / "tensorboard").iterdir())
+    lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert {"map", "map50", "map75", "voc07_map", "per_class"} <= set(lines[0]["val"])
+    assert lines[0]["train"]["loss"] > 0 and lines[0]["images_per_s"] > 0
+
+    halves = tmp_path / "halves"
+    training.train(_config(tiny_data, halves, epochs=2, stop_after=1))  # as if stopped after epoch 1
+    assert read_checkpoint(halves / "last.pt")["epoch"] == 1
+    training.train(_config(tiny_data, halves, epochs=2, resume=True))
+    a, b = read_checkpoint(straight / "last.pt"), read_checkpoint(halves / "last.pt")
+    assert a["epoch"] == b["epoch"] == 2
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
+    assert len((halves / "metrics.jsonl").read_text().splitlines()) == 2
+
+    model, checkpoint = load_model(straight / "best.pt")
+    assert checkpoint["classes"] == a["classes"] and model.num_classes == len(a["classes"]) + 1
+
+
+@pytest.mark.slow
+def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
+    run = training.train(_config(tiny_data, tmp_path / "run", epochs=2, stop_after=1))
+    before = (run / "last.pt").read_bytes()
+
+    real = training.MultiBoxLoss.forward
+
+    def poisoned(self, *args, **kwargs):
+        parts = real(self, *args, **kwargs)
+        return parts._replace(total=parts.total * float("nan"))
+
+    monkeypatch.setattr(training.MultiBoxLoss, "forward", poisoned)
+    with pytest.raises(training.TrainingDiverged, match="the loss became nan at epoch 2, step 1"):
+        training.train(_config(tiny_data, run, epochs=2, resume=True))
+    assert (run / "last.pt").read_bytes() == before
+
+
+def test_schedule_and_weight_decay_groups():
+    factors = [training._lr_factor(s, 100, 10, "cosine", ()) for s in (0, 5, 10, 55, 100)]
+    assert factors[0] == pytest.approx(1e-3) and factors[1] < factors[2]
+    assert factors[2] == pytest.approx(0.5 * (1 + torch.cos(torch.tensor(0.1 * torch.pi)).item()))
+    assert factors[-1] == pytest.approx(0.0, abs=1e-9)
+    steps = [training._lr_factor(s, 100, 0, "multistep", (0.5, 0.9)) for s in (49, 50, 89, 90)]
+    assert steps == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+    from model import build_model
+
+    model = build_model("ssd300_vgg16", num_classes=3)
+    decay, no_decay = training._parameter_groups(model, 5e-4)
+    assert no_decay["weight_decay"] == 0 and decay["weight_decay"] == 5e-4
+    assert any(p is model.backbone.scale_weight for p in no_decay["params"])
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+
+
+@pytest.mark.slow
+def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        "-m",
+        "model.train",
+        "--model",
+        "ssdlite320_mobilenet_v3_large",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--lr",
+        "0.01",
+        "--warmup-iters",
+        "1",
+    ]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = read_checkpoint(out / "last.pt")
+    assert checkpoint["epoch"] == 1 and len(checkpoint["rng"]) == 2  # one RNG state per process
+    config = (out / "config.yaml").read_text()
+    assert "world_size: 2" in config
