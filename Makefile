@@ -28,6 +28,7 @@ format: install
 
 bench: install
 	$(UV) run --frozen python bench/loss_bench.py
+	$(UV) run --frozen python bench/train_bench.py
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

@@ -18,24 +18,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from .checkpoint import atomic_save, read_checkpoint, rng_state, set_rng_state
-from .data import open_dataset
+from .checkpoint import CheckpointError, atomic_save, read_checkpoint, rng_state, set_rng_state
+from .data import DatasetError, open_dataset
 from .inference import evaluate_model
 from .loss import MultiBoxLoss
 from .malloc import keep_freed_memory
@@ -80,7 +81,8 @@ class TrainConfig:
     out: str = "runs/train"
     epochs: int = 30
     batch_size: int = 32  # per process
-    lr: float | None = None  # None: the recipe's, scaled to the global batch
+    lr: float | None = None  # None: the recipe's, scaled to the global batch (SGD); 1e-3 x batch/32 (AdamW)
+    optimizer: str = "sgd"  # sgd (the papers' recipes) or adamw (converges faster on short schedules)
     momentum: float = 0.9
     weight_decay: float | None = None  # None: the recipe's; never applied to norms and biases
     schedule: str | None = None  # cosine | multistep; None: the recipe's
@@ -99,9 +101,9 @@ class TrainConfig:
     photometric: bool | None = None  # None: the recipe's
     zoom_out: bool | None = None
     log_every: int = 20  # steps between TensorBoard points
-    stop_after: int | None = (
-        None  # stop after this many epochs of this run; the schedule stays that of ``epochs``
-    )
+    precise_bn: int = 0  # batches to recompute batch-norm statistics on before each validation (0: off)
+    # Stop after this many epochs of this run; the schedule stays that of ``epochs``.
+    stop_after: int | None = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -127,6 +129,30 @@ def _lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: Se
     if schedule == "cosine":
         return warm * 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
     return warm * 0.1 ** sum(step >= int(m * total) for m in milestones)
+
+
+@torch.no_grad()
+def recompute_batch_norm(model: nn.Module, batches: Iterable[Tensor]) -> None:
+    """Precise BN: batch-norm running statistics as the plain average over ``batches``.
+
+    Running averages with a small momentum (SSDlite's 0.03) lag weights that still move fast; in
+    a short run, the model evaluated with them scored half of what the same weights scored with
+    recomputed statistics (mAP@0.5 0.047 against 0.103 after 3 epochs on the synthetic set).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    for images in batches:
+        model(images)
+    model.train(was_training)
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
 
 
 def _write_plot(history: list[dict[str, Any]], path: Path) -> None:
@@ -209,11 +235,15 @@ def train(config: TrainConfig) -> Path:
     model.use_channels_last()
     grid = model.prior_grid
     loss_fn = MultiBoxLoss()
-    weight_decay = recipe.weight_decay if config.weight_decay is None else config.weight_decay
-    lr = (
-        config.lr if config.lr is not None else recipe.lr * config.batch_size * world / recipe.reference_batch
-    )
-    optimizer = torch.optim.SGD(_parameter_groups(model, weight_decay), lr=lr, momentum=config.momentum)
+    global_batch = config.batch_size * world
+    if config.optimizer == "adamw":
+        weight_decay = 0.05 if config.weight_decay is None else config.weight_decay
+        lr = config.lr if config.lr is not None else 1e-3 * global_batch / 32
+        optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr)
+    else:
+        weight_decay = recipe.weight_decay if config.weight_decay is None else config.weight_decay
+        lr = config.lr if config.lr is not None else recipe.lr * global_batch / recipe.reference_batch
+        optimizer = torch.optim.SGD(_parameter_groups(model, weight_decay), lr=lr, momentum=config.momentum)
     steps_per_epoch = len(train_set) // (config.batch_size * world)
     total_steps = steps_per_epoch * config.epochs
     warmup = min(config.warmup_iters, steps_per_epoch)
@@ -364,6 +394,18 @@ def train(config: TrainConfig) -> Path:
         }
 
         # ---- validation and checkpoints (first process) ------------------------------------
+        if config.precise_bn > 0 and _is_main():
+            sample = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)
+            bn_loader = DataLoader(
+                train_set,
+                batch_size=config.batch_size,
+                num_workers=config.workers,
+                collate_fn=collate,
+                sampler=RandomSampler(train_set, generator=sample),
+                generator=sample,
+            )
+            batches = itertools.islice(bn_loader, config.precise_bn)
+            recompute_batch_norm(model, (images.to(device) for images, *_ in batches))
         metrics = None
         if _is_main() and val_set is not None:
             metrics = evaluate_model(
@@ -419,6 +461,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="run folder (default runs/MODEL)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     parser.add_argument(
+        "--precise-bn",
+        type=int,
+        default=0,
+        help="recompute batch-norm statistics on N batches before validating",
+    )
+    parser.add_argument(
         "--stop-after",
         type=int,
         default=None,
@@ -428,6 +476,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
     parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd, as the recipes"
+    )
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--schedule", choices=["cosine", "multistep"], default=None)
     parser.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
@@ -460,6 +511,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"ssd train: {exc}", file=sys.stderr)
         return 1
+    except (DatasetError, CheckpointError) as exc:  # bad data or a missing checkpoint: the message says which
+        print(f"ssd train: {exc}", file=sys.stderr)
+        return 2
     if _is_main():
         print(f"ssd train: done; run folder {run}")
     return 0

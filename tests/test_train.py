@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,9 @@ def test_schedule_and_weight_decay_groups():
 @pytest.mark.slow
 def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
     out = tmp_path / "ddp"
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [
         sys.executable,
         "-m",
@@ -108,7 +112,7 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
         "--nproc_per_node",
         "2",
         "--master_port",
-        "29533",
+        str(port),
         "-m",
         "model.train",
         "--model",
@@ -137,3 +141,38 @@ def test_ddp_with_two_cpu_processes(tiny_data, tmp_path):
     assert checkpoint["epoch"] == 1 and len(checkpoint["rng"]) == 2  # one RNG state per process
     config = (out / "config.yaml").read_text()
     assert "world_size: 2" in config
+
+
+def test_precise_batch_norm_is_the_average_over_the_batches():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.03)).eval()
+    batches = [torch.randn(8, 3, 5, 5) * 3 + 1 for _ in range(4)]
+    training.recompute_batch_norm(net, batches)
+    with torch.no_grad():
+        activations = torch.cat([net[0](b) for b in batches])
+    norm = net[1]
+    torch.testing.assert_close(norm.running_mean, activations.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    assert norm.momentum == 0.03 and not net.training  # settings and mode restored
+
+
+def test_bad_data_and_missing_checkpoints_are_messages_not_tracebacks(tmp_path, capsys):
+    (tmp_path / "nothing").mkdir()
+    common = ["--model", "ssdlite320_mobilenet_v3_large", "--device", "cpu", "--workers", "0"]
+    assert training.main([*common, "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "a")]) == 2
+    assert "VOC" in capsys.readouterr().err
+    from model.data.synth import generate
+
+    generate(tmp_path / "data", "yolo", images=2, val_images=1, seed=1, image_size=(64, 64))
+    code = training.main(
+        [
+            *common,
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "b"),
+            "--resume",
+            "--batch-size",
+            "2",
+        ]
+    )
+    assert code == 2 and "last.pt does not exist" in capsys.readouterr().err
