@@ -11,12 +11,11 @@ top-k hard negative mining). Same batch for both: SSD300 (8732 default boxes, 21
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from machine import machine_info
+from machine import emit, machine_info
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
@@ -135,10 +134,7 @@ def main() -> None:
         "relative_loss_difference": agreement,
         "objects_without_a_default_box": {"torchvision": tv_lost, "ours": ours_lost},
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,11 @@ both). Both run with the same malloc settings (model/malloc.py), applied first.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
-from machine import machine_info
+from machine import emit, machine_info
 from torchvision.models import detection
 
 from model import MultiBoxLoss, build_model, pad_targets
@@ -107,10 +106,7 @@ def main() -> None:
         "median_step_s": {name: statistics.median(t) for name, t in times.items()},
         "speedup": rates["ours"] / rates["torchvision"],
     }
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    emit(report, args.json)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .box_coding import cxcywh_to_xyxy
+
 # Box scales s_k relative to the input side, one per feature map plus one more for the last
 # map's extra ratio-1 box (s'_k = sqrt(s_k * s_k+1)). These are the Caffe SSD sets.
 SSD300_COCO_SCALES = (0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05)  # 21, 45, 99, ... 315 px
@@ -138,8 +140,7 @@ class PriorGrid:
         self, boxes: Tensor, feature_sizes: Sequence[tuple[int, int]], boxes_per_location: Sequence[int]
     ) -> None:
         self.boxes = boxes
-        cx, cy, w, h = boxes.unbind(-1)
-        corners = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+        corners = cxcywh_to_xyxy(boxes)  # the very corners the general path gives box_iou
         self.maps: list[tuple[Tensor, Tensor, Tensor]] = []
         self.area_range: list[tuple[Tensor, Tensor]] = []  # per map: smallest, largest area of each shape
         start = 0
