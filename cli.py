@@ -96,6 +96,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from export import cli
+
+    return cli.run(args)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from service import predict
+
+    return predict.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detection: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -134,16 +146,29 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.set_defaults(run=_evaluate)
 
+    # The parsers of export and predict live with their parts; importing those modules is cheap
+    # (no torch at parse time for predict, which must run without it).
+    export = sub.add_parser("export", help="write the ONNX model artifact, verified against PyTorch")
+    _configure_lazily(export, "export.cli")
+    export.set_defaults(run=_export)
+    predict = sub.add_parser("predict", help="run an ONNX artifact on image files (no torch)")
+    _configure_lazily(predict, "service.predict")
+    predict.set_defaults(run=_predict)
+
     # Built by later issues; each parser keeps its contract name so that `ssd --help` lists it.
     for name, text in [
-        ("export", "write the ONNX model artifact"),
-        ("predict", "run an ONNX artifact on images"),
         ("serve", "run the detection service"),
         ("bench", "benchmarks"),
     ]:
         p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)
         p.set_defaults(run=lambda args, name=name: _not_built(name), accepts_any=True)
     return parser
+
+
+def _configure_lazily(parser: argparse.ArgumentParser, module: str) -> None:
+    import importlib
+
+    importlib.import_module(module).configure(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,7 +1,8 @@
 """Eager post-processing: scores and decoded boxes to final detections, for a whole batch.
 
 Per class: keep the top ``topk_candidates`` default boxes, drop scores at or below
-``score_threshold``, run NMS, then keep the best ``max_detections`` per image. The same
+``score_threshold`` and empty boxes, run NMS, then keep the best ``max_detections`` per image.
+With ``class_agnostic``, each default box competes only with its best class, in one NMS. The same
 detections as torchvision's ``SSD.postprocess_detections`` (tested), but with one top-k and one
 ``batched_nms`` call for the whole batch instead of loops over images and classes. The output
 is padded like the exported ONNX graph's (see shared/design.md, "The model artifact"), so the
@@ -28,6 +29,15 @@ class PostprocessConfig:
     topk_candidates: int = 400
     max_detections: int = 200
     remove_empty: bool = True  # drop boxes of zero width or height (clipping can produce them)
+    class_agnostic: bool = False  # one NMS across classes, each box with its best class only
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.score_threshold < 1.0:
+            raise ValueError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
+        if not 0.0 <= self.iou_threshold <= 1.0:
+            raise ValueError(f"iou_threshold must be in [0, 1], got {self.iou_threshold}")
+        if self.topk_candidates < 1 or self.max_detections < 1:
+            raise ValueError("topk_candidates and max_detections must be at least 1")
 
 
 class Detections(NamedTuple):
@@ -54,28 +64,59 @@ def postprocess(
         bbox_regression: [B, N, 4] offsets.
         priors: [N, 4] default boxes, (cx, cy, w, h), normalised.
     """
-    config = config or PostprocessConfig()
-    batch, num_priors, num_classes = cls_logits.shape
-    scores = F.softmax(cls_logits.float(), dim=-1)[:, :, 1:]  # [B, N, C-1]
-    boxes = decode(bbox_regression.float(), priors.float()).clamp(0.0, 1.0)  # [B, N, 4]
+    scores, boxes = decode_outputs(cls_logits, bbox_regression, priors)
+    return select_detections(scores, boxes, config)
 
+
+def decode_outputs(cls_logits: Tensor, bbox_regression: Tensor, priors: Tensor) -> tuple[Tensor, Tensor]:
+    """Network outputs to class scores [B, N, C-1] (background dropped) and boxes [B, N, 4]
+    (xyxy, normalised, clipped to [0, 1])."""
+    scores = F.softmax(cls_logits.float(), dim=-1)[:, :, 1:]
+    boxes = decode(bbox_regression.float(), priors.float()).clamp(0.0, 1.0)
+    return scores, boxes
+
+
+@torch.no_grad()
+def select_detections(scores: Tensor, boxes: Tensor, config: PostprocessConfig | None = None) -> Detections:
+    """
+    Args:
+        scores: [B, N, C-1] class probabilities without the background.
+        boxes: [B, N, 4] decoded boxes, xyxy.
+    """
+    config = config or PostprocessConfig()
+    if config.class_agnostic:
+        # One candidate per default box: its best class, as ssd_keras' decode_detections_fast.
+        best, best_label = scores.max(dim=-1, keepdim=True)  # [B, N, 1]
+        return _select(best, boxes, config, best_label)
+    return _select(scores, boxes, config)
+
+
+def _select(
+    scores: Tensor, boxes: Tensor, config: PostprocessConfig, labels: Tensor | None = None
+) -> Detections:
+    """NMS within each (image, column of ``scores``) group; ``labels`` [B, N, 1] names the class
+    of each box when there is one column for all classes."""
+    batch, num_priors, num_groups = scores.shape
     k = min(config.topk_candidates, num_priors)
-    top_scores, top_prior = scores.topk(k, dim=1)  # [B, k, C-1]
+    top_scores, top_prior = scores.topk(k, dim=1)  # [B, k, G]
     keep = top_scores > config.score_threshold
-    image, rank, label = keep.nonzero(as_tuple=True)
-    cand_scores = top_scores[image, rank, label]
-    cand_boxes = boxes[image, top_prior[image, rank, label]]
+    image, rank, group = keep.nonzero(as_tuple=True)
+    prior = top_prior[image, rank, group]
+    cand_scores = top_scores[image, rank, group]
+    cand_boxes = boxes[image, prior]
+    label = group if labels is None else labels[image, prior, 0]
     if config.remove_empty:
         nonempty = (cand_boxes[:, 2] > cand_boxes[:, 0]) & (cand_boxes[:, 3] > cand_boxes[:, 1])
-        image, label, cand_scores, cand_boxes = (
-            image[nonempty],
-            label[nonempty],
-            cand_scores[nonempty],
-            cand_boxes[nonempty],
+        image, group, label, cand_scores, cand_boxes = (
+            t[nonempty] for t in (image, group, label, cand_scores, cand_boxes)
         )
 
-    # One NMS for everything: groups are (image, class) pairs. Result sorted by score, descending.
-    kept = batched_nms(cand_boxes, cand_scores, image * (num_classes - 1) + label, config.iou_threshold)
+    # One NMS for everything: groups are (image, column) pairs. batched_nms offsets each group's
+    # boxes by a multiple of the largest coordinate; in float64 that shift costs no precision, so
+    # the IoUs are those of ONNX's per-class NonMaxSuppression. Result sorted by score, descending.
+    kept = batched_nms(
+        cand_boxes.double(), cand_scores.double(), image * num_groups + group, config.iou_threshold
+    )
     kept = kept[torch.sort(image[kept], stable=True).indices]  # group by image, scores still descending
     kept_image = image[kept]
     counts = torch.bincount(kept_image, minlength=batch)

@@ -486,7 +486,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backbone-weights", default="recipe", help="recipe (default), imagenet, none, or a state-dict file"
     )
-    parser.add_argument("--scale-set", default=None, help="default box sizes: coco (default) or voc")
+    parser.add_argument(
+        "--scale-set",
+        default=None,
+        help="default box sizes: the model's first set (default), voc, small (see ssd models)",
+    )
     parser.add_argument("--train-split", default=defaults.train_split)
     parser.add_argument("--val-split", default=defaults.val_split)
     parser.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")

@@ -1,0 +1,165 @@
+"""From a network to a checked, verified model artifact on disk.
+
+build_onnx: torch.onnx's dynamo exporter on ``DetectionGraph`` (the selection step as a custom
+    op with its ONNX translation, see nms.py), dynamic batch, metadata, optional float16.
+export_artifact: build, ``onnx.checker`` (full check), write to a temporary file beside the
+    target, verify it with ONNX Runtime against PyTorch, then rename: a running service
+    watching the path never sees half a file or an artifact that failed verification.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from model.data.synth import render
+from model.postprocess import PostprocessConfig
+from model.ssd import SSD
+
+from . import verify as checks
+from .fp16 import to_float16
+from .graph import DetectionGraph
+from .metadata import build_metadata
+from .nms import onnx_select_detections
+from .sources import Source
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+DETECTION_OUTPUTS = ["num_detections", "boxes", "scores", "labels"]
+RAW_OUTPUTS = ["boxes", "scores"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    config: PostprocessConfig = field(default_factory=PostprocessConfig)
+    raw: bool = False  # decoded boxes and class scores, no NMS
+    fp16: bool = False
+
+
+@dataclass
+class Artifact:
+    path: Path
+    sha256: str
+    metadata: dict[str, str]
+    report: checks.Report | None = None  # verification against PyTorch
+    fp16_agreement: tuple[int, int] | None = None  # (found, total) float32 detections > 0.3
+
+
+def build_onnx(model: SSD, options: ExportOptions, example_batch: int = 2) -> onnx.ModelProto:
+    """The model's graph from uint8 NHWC images to the padded outputs (or raw outputs)."""
+    graph = DetectionGraph(model.eval(), options.config, raw=options.raw).eval()
+    height, width = model.input_size
+    example = torch.zeros(example_batch, height, width, 3, dtype=torch.uint8)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(None):
+        warnings.simplefilter("ignore")  # the exporter's own progress chatter
+        program = torch.onnx.export(
+            graph,
+            (example,),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=["images"],
+            output_names=RAW_OUTPUTS if options.raw else DETECTION_OUTPUTS,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            custom_translation_table={torch.ops.ssd.select_detections.default: onnx_select_detections},
+            verbose=False,
+        )
+    proto = program.model_proto
+    if options.fp16:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # one line per weight below float16's smallest normal
+            proto = to_float16(proto)
+    return proto
+
+
+def sample_images(input_size: tuple[int, int], count: int = 7, seed: int = 0) -> np.ndarray:
+    """Synthetic scenes at the model's input size, uint8 [count, H, W, 3]: objects a model
+    trained on them detects, and plenty of texture for any other model."""
+    rng = np.random.default_rng(seed)
+    return np.stack([np.asarray(render(rng, input_size).image, dtype=np.uint8) for _ in range(count)])
+
+
+def eager_reference(model: SSD, config: PostprocessConfig) -> Callable[[np.ndarray], checks.Outputs]:
+    graph = DetectionGraph(model.eval(), config).eval()
+
+    @torch.no_grad()
+    def run(images: np.ndarray) -> checks.Outputs:
+        return checks.Outputs(*(t.numpy() for t in graph(torch.from_numpy(images))))
+
+    return run
+
+
+def export_artifact(source: Source, out: str | Path, options: ExportOptions | None = None) -> Artifact:
+    """Export ``source`` to ``out`` (atomically), verified. Raises VerificationError (and
+    leaves ``out`` untouched) when ONNX Runtime and PyTorch disagree."""
+    options = options or ExportOptions()
+    out = Path(out)
+    model = source.model.eval()
+    proto = build_onnx(model, options)
+    metadata = build_metadata(
+        model_name=model.name,
+        classes=source.classes,
+        input_size=model.input_size,
+        config=options.config,
+        source=source.source,
+        metrics=source.metrics,
+        raw=options.raw,
+        fp16=options.fp16,
+    )
+    onnx.helper.set_model_props(proto, metadata)
+    proto.doc_string = f"SSD detector {model.name}: uint8 NHWC RGB images in, padded detections out"
+    proto.producer_name = metadata["producer"]
+    onnx.checker.check_model(proto, full_check=True)
+    if len(source.classes) != model.num_classes - 1:
+        raise ValueError(
+            f"{len(source.classes)} class names for a model with {model.num_classes - 1} classes"
+        )
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = proto.SerializeToString()
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        artifact = Artifact(out, hashlib.sha256(data).hexdigest(), metadata)
+        if not options.raw:
+            _verify(tmp, source, options, artifact)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return artifact
+
+
+def _verify(path: Path, source: Source, options: ExportOptions, artifact: Artifact) -> None:
+    images = sample_images(source.model.input_size)
+    sess = checks.session(path)
+    config = options.config
+    if options.fp16:
+        # Float16 against the float32 graph: detections above 0.3, boxes within 2e-3.
+        fp32 = eager_reference(source.model, config)(images)
+        artifact.fp16_agreement = found, total = checks.agreement(fp32, checks.run(sess, images))
+        if total and found < 0.99 * total:
+            raise checks.VerificationError(
+                f"float16 artifact keeps {found} of {total} float32 detections above 0.3 (needs 99%)"
+            )
+        return
+    if source.torchvision_reference is not None and not config.class_agnostic:
+        reference = source.torchvision_reference(config)
+    else:
+        reference = eager_reference(source.model, config)
+    artifact.report = checks.verify(sess, reference, images, config.score_threshold)

@@ -1,0 +1,195 @@
+"""Checking an artifact against its PyTorch reference with ONNX Runtime on the CPU.
+
+The contract: same counts and labels, boxes within 1e-4, scores within 1e-5, for batches of 1, 2
+and 7; and a batch gives what its images give one by one. Scores are compared as numpy's
+``isclose`` does, with rtol = atol = 1e-5: ONNX Runtime's and PyTorch's convolutions sum in
+different orders, and a score of 0.42 legitimately moves by 1e-5 through a whole network.
+
+"Ties aside": when two candidates' scores are within the tolerance, float rounding may order
+them either way, which can swap which of them survives NMS or the cut at K. A detection without
+a partner is excused only when such a tie explains it (a same-class detection with a score
+within the tolerance, or a score at the threshold or at the K-th place); anything else is a
+mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import onnxruntime as ort
+
+
+class VerificationError(RuntimeError):
+    pass
+
+
+class Outputs(NamedTuple):
+    """Padded detections as numpy arrays, the artifact's four outputs."""
+
+    num_detections: np.ndarray  # int64 [B]
+    boxes: np.ndarray  # float32 [B, K, 4]
+    scores: np.ndarray  # float32 [B, K]
+    labels: np.ndarray  # int64 [B, K]
+
+    def image(self, i: int) -> Outputs:
+        n = int(self.num_detections[i])
+        return Outputs(
+            self.num_detections[i : i + 1], self.boxes[i, :n], self.scores[i, :n], self.labels[i, :n]
+        )
+
+
+Reference = Callable[[np.ndarray], Outputs]  # uint8 [B, H, W, 3] -> outputs
+
+
+@dataclass
+class Report:
+    batch_sizes: list[int] = field(default_factory=list)
+    detections: int = 0  # reference detections compared
+    excused: int = 0  # unmatched, explained by a tie
+    max_box_error: float = 0.0
+    max_score_error: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (
+            f"batches {self.batch_sizes}: {self.detections} detections, max box error "
+            f"{self.max_box_error:.2e}, max score error {self.max_score_error:.2e}, {self.excused} tie(s)"
+        )
+
+
+def session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))
+
+
+def run(sess: ort.InferenceSession, images: np.ndarray) -> Outputs:
+    return Outputs(*sess.run(["num_detections", "boxes", "scores", "labels"], {"images": images}))
+
+
+def compare_image(
+    ref: Outputs,
+    got: Outputs,
+    box_atol: float,
+    score_atol: float,
+    score_threshold: float,
+    where: str,
+    report: Report,
+) -> None:
+    """Match one image's detections (``Outputs.image``) one to one and record the differences."""
+    used = np.zeros(len(got.scores), dtype=bool)
+    unmatched_ref: list[int] = []
+    report.detections += len(ref.scores)
+    for i in range(len(ref.scores)):
+        close = (
+            ~used
+            & (got.labels == ref.labels[i])
+            & (np.abs(got.scores - ref.scores[i]) <= score_atol * (1.0 + abs(ref.scores[i])))
+            & (np.abs(got.boxes - ref.boxes[i]).max(axis=1, initial=0.0) <= box_atol)
+        )
+        if not close.any():
+            unmatched_ref.append(i)
+            continue
+        j = int(np.argmax(close))
+        used[j] = True
+        report.max_box_error = max(report.max_box_error, float(np.abs(got.boxes[j] - ref.boxes[i]).max()))
+        report.max_score_error = max(report.max_score_error, float(abs(got.scores[j] - ref.scores[i])))
+
+    def tie(side: Outputs, i: int, other: Outputs) -> bool:
+        s, label = side.scores[i], side.labels[i]
+        at_edge = abs(s - score_threshold) <= score_atol or (
+            len(side.scores) > 0 and abs(s - side.scores[-1]) <= score_atol
+        )
+        same = np.concatenate(
+            [
+                np.delete(side.scores, i)[np.delete(side.labels, i) == label],
+                other.scores[other.labels == label],
+            ]
+        )
+        return at_edge or bool((np.abs(same - s) <= score_atol).any())
+
+    for name, side, other, indices in (
+        ("reference", ref, got, unmatched_ref),
+        ("artifact", got, ref, np.flatnonzero(~used).tolist()),
+    ):
+        for i in indices:
+            if tie(side, i, other):
+                report.excused += 1
+            else:
+                report.problems.append(
+                    f"{where}: {name} detection (label {side.labels[i]}, score {side.scores[i]:.6f}, "
+                    f"box {np.round(side.boxes[i], 5).tolist()}) has no counterpart"
+                )
+
+
+def verify(
+    sess: ort.InferenceSession,
+    reference: Reference,
+    images: np.ndarray,
+    score_threshold: float,
+    batch_sizes: Sequence[int] = (1, 2, 7),
+    box_atol: float = 1e-4,
+    score_atol: float = 1e-5,
+) -> Report:
+    """Compare the artifact with the reference on the first images for each batch size, and the
+    largest batch with the same images one by one. Raises VerificationError listing mismatches."""
+    report = Report(batch_sizes=list(batch_sizes))
+    for b in batch_sizes:
+        if b > len(images):
+            raise ValueError(f"batch {b} needs {b} images, {len(images)} given")
+        batch = images[:b]
+        ref, got = reference(batch), run(sess, batch)
+        for i in range(b):
+            compare_image(
+                ref.image(i),
+                got.image(i),
+                box_atol,
+                score_atol,
+                score_threshold,
+                f"batch {b}, image {i}",
+                report,
+            )
+    largest = max(batch_sizes)
+    together = run(sess, images[:largest])
+    for i in range(largest):
+        alone = run(sess, images[i : i + 1])
+        compare_image(
+            alone.image(0),
+            together.image(i),
+            box_atol,
+            score_atol,
+            score_threshold,
+            f"image {i} alone vs in a batch of {largest}",
+            report,
+        )
+    if report.problems:
+        shown = "\n  ".join(report.problems[:10])
+        more = f"\n  ... and {len(report.problems) - 10} more" if len(report.problems) > 10 else ""
+        raise VerificationError(
+            f"the artifact does not match PyTorch ({len(report.problems)} mismatches):\n  {shown}{more}"
+        )
+    return report
+
+
+def agreement(ref: Outputs, got: Outputs, min_score: float = 0.3, box_atol: float = 2e-3) -> tuple[int, int]:
+    """How many of the reference's detections above ``min_score`` the other run has too (same
+    label, boxes within ``box_atol``): (found, total). For float16 against float32 artifacts."""
+    found = total = 0
+    for i in range(len(ref.num_detections)):
+        r, g = ref.image(i), got.image(i)
+        used = np.zeros(len(g.scores), dtype=bool)
+        for j in np.flatnonzero(r.scores > min_score):
+            total += 1
+            close = (
+                ~used
+                & (g.labels == r.labels[j])
+                & (np.abs(g.boxes - r.boxes[j]).max(axis=1, initial=0.0) <= box_atol)
+            )
+            if close.any():
+                used[int(np.argmax(close))] = True
+                found += 1
+    return found, total

@@ -1,0 +1,180 @@
+"""Loading a model artifact into an ONNX Runtime session, and running it.
+
+Everything the service needs (classes, input size, thresholds) comes from the artifact's
+metadata; a file that is not a valid artifact is refused with an ``ArtifactError`` that says what
+is wrong with it, before anything is swapped or served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+OUTPUTS = ("num_detections", "boxes", "scores", "labels")
+REQUIRED_METADATA = ("classes", "model", "input_size", "score_threshold", "iou_threshold", "max_detections")
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+
+
+class ArtifactError(RuntimeError):
+    """The file is missing, unreadable, or not a detector artifact of ours."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    sha256: str
+    name: str
+    version: str
+    classes: list[str]
+    input_size: tuple[int, int]  # (H, W)
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+    metadata: dict[str, str] = field(repr=False)
+
+    def describe(self) -> dict[str, Any]:
+        """The metadata as JSON values (lists and numbers parsed), for /model and logs."""
+        out: dict[str, Any] = {}
+        for key, value in self.metadata.items():
+            try:
+                out[key] = json.loads(value)
+            except ValueError:
+                out[key] = value
+        out["model"] = self.name  # a model name like "1e5" must stay a string
+        return out
+
+
+@dataclass
+class Detections:
+    """One image's detections, boxes in the model's normalised coordinates."""
+
+    boxes: np.ndarray  # float32 [n, 4] xyxy in [0, 1]
+    scores: np.ndarray  # float32 [n], descending
+    labels: np.ndarray  # int64 [n], 0-based
+
+
+def provider_list(names: Sequence[str]) -> list[str]:
+    """``["cuda", "cpu"]`` -> ONNX Runtime provider names, in order, keeping those available."""
+    available = set(ort.get_available_providers())
+    wanted = []
+    for name in names:
+        full = PROVIDER_NAMES.get(name.strip().lower(), name.strip())
+        if full not in PROVIDER_NAMES.values():
+            raise ValueError(f"unknown execution provider {name!r}; use tensorrt, cuda or cpu")
+        if full in available:
+            wanted.append(full)
+        else:
+            log.warning("execution provider %s is not available in this onnxruntime build", full)
+    if "CPUExecutionProvider" not in wanted:
+        wanted.append("CPUExecutionProvider")
+    return wanted
+
+
+def _parse_metadata(path: Path, meta: dict[str, str]) -> dict[str, Any]:
+    missing = [key for key in REQUIRED_METADATA if key not in meta]
+    if missing:
+        raise ArtifactError(f"{path} has no {', '.join(missing)} in its metadata: not an ssd export")
+    try:
+        classes = json.loads(meta["classes"])
+        size = json.loads(meta["input_size"])
+        parsed = {
+            "classes": classes,
+            "input_size": (int(size[0]), int(size[1])),
+            "score_threshold": float(meta["score_threshold"]),
+            "iou_threshold": float(meta["iou_threshold"]),
+            "max_detections": int(meta["max_detections"]),
+        }
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        raise ArtifactError(f"{path} has malformed metadata: {exc}") from exc
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise ArtifactError(f"{path}: metadata 'classes' must be a non-empty JSON list of names")
+    if meta.get("outputs", "detections") != "detections":
+        raise ArtifactError(f"{path} is a raw export (no NMS inside); the service needs detections")
+    return parsed
+
+
+class Detector:
+    """One ONNX Runtime session over one artifact. ``detect`` is thread-safe (ORT's ``run`` is)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] = ("cpu",),
+        intra_op_threads: int | None = None,
+    ) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"model artifact {path} does not exist")
+        data = path.read_bytes()
+        if not data:
+            raise ArtifactError(f"model artifact {path} is empty")
+        started = time.perf_counter()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            options.intra_op_num_threads = intra_op_threads
+        # Spinning threads burn the cores the HTTP side and image decoding need between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        chosen = provider_list(providers)
+        provider_options = [
+            {"cudnn_conv_algo_search": "HEURISTIC"} if p == "CUDAExecutionProvider" else {} for p in chosen
+        ]
+        try:
+            self.session = ort.InferenceSession(
+                data, options, providers=chosen, provider_options=provider_options
+            )
+        except Exception as exc:  # ORT raises its own types (InvalidProtobuf, Fail, ...)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"{path} is not a loadable ONNX model: {first}") from exc
+        self.providers = self.session.get_providers()  # what ORT really uses (it falls back silently)
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        parsed = _parse_metadata(path, meta)
+        self._check_signature(path, parsed["input_size"])
+        self.info = ModelInfo(
+            path=str(path),
+            sha256=hashlib.sha256(data).hexdigest(),
+            name=meta["model"],
+            version=meta.get("version") or meta.get("created_at") or "unknown",
+            metadata=meta,
+            **parsed,
+        )
+        self.load_seconds = time.perf_counter() - started
+
+    def _check_signature(self, path: Path, input_size: tuple[int, int]) -> None:
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != "images" or inputs[0].type != "tensor(uint8)":
+            got = [(i.name, i.type) for i in inputs]
+            raise ArtifactError(f"{path}: expected one uint8 input 'images', found {got}")
+        shape = inputs[0].shape
+        if len(shape) != 4 or list(shape[1:]) != [input_size[0], input_size[1], 3]:
+            raise ArtifactError(
+                f"{path}: input shape {shape} is not [B, {input_size[0]}, {input_size[1]}, 3]"
+            )
+        names = tuple(o.name for o in self.session.get_outputs())
+        if names != OUTPUTS:
+            raise ArtifactError(f"{path}: outputs {list(names)}, expected {list(OUTPUTS)}")
+
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """uint8 [B, H, W, 3] -> the four padded outputs."""
+        return tuple(self.session.run(list(OUTPUTS), {"images": images}))
+
+    def detect(self, images: np.ndarray) -> list[Detections]:
+        num, boxes, scores, labels = self.run(images)
+        return [Detections(boxes[i, :n], scores[i, :n], labels[i, :n]) for i, n in enumerate(num.tolist())]

@@ -1,0 +1,302 @@
+"""The model artifact: one ONNX graph from uint8 pixels to padded detections, checked against
+PyTorch (our eager post-processing, and torchvision's own SSD for torchvision weights)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from helpers import calibrate_batch_norm
+
+import cli
+from export import verify
+from export.cli import DEFAULTS
+from export.exporter import ExportOptions, build_onnx, eager_reference, export_artifact, sample_images
+from export.sources import Source
+from model.postprocess import PostprocessConfig, decode_outputs
+from model.registry import build_model
+from service.artifact import ArtifactError, Detector
+
+CLASSES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
+LITE = "ssdlite320_mobilenet_v3_large"
+
+
+def calibrated(name: str, num_classes: int = len(CLASSES) + 1, seed: int = 0):
+    """A random network whose scores vary: batch-norm statistics from synthetic scenes."""
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    images = torch.from_numpy(sample_images(model.input_size, 6, seed=seed + 100))
+    return calibrate_batch_norm(model, images.permute(0, 3, 1, 2).float() / 255.0)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def lite_model():
+    return calibrated(LITE)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(lite_model, tmp_path_factory) -> Path:
+    """A checkpoint in ``ssd train``'s format."""
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    torch.save(
+        {
+            "model": lite_model.state_dict(),
+            "model_name": LITE,
+            "num_classes": len(CLASSES) + 1,
+            "scale_set": None,
+            "classes": CLASSES,
+            "epoch": 4,
+            "metrics": {"val": {"map": 0.61, "map50": 0.93, "map75": 0.7, "voc07_map": 0.9, "per_class": {}}},
+        },
+        path,
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(checkpoint, tmp_path_factory):
+    """``ssd export --checkpoint``, run once for the module: (path, printed JSON, stderr)."""
+    out = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["export", "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert exit_info.value.code == 0
+    return out
+
+
+def test_export_writes_a_checked_self_describing_artifact(artifact, checkpoint):
+    proto = onnx.load(artifact)
+    onnx.checker.check_model(proto, full_check=True)
+    assert min(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["classes"]) == CLASSES
+    assert meta["model"] == LITE
+    assert json.loads(meta["input_size"]) == [320, 320]
+    assert (float(meta["score_threshold"]), float(meta["iou_threshold"]), int(meta["max_detections"])) == (
+        0.01,
+        0.45,
+        200,
+    )
+    assert meta["source"] == "sha256:" + hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert json.loads(meta["metrics"])["map50"] == 0.93
+    assert meta["created_at"].endswith("Z")
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"NonMaxSuppression", "TopK", "Softmax", "Cast"} <= ops
+    # The batch dimension is symbolic on the input and every output.
+    for value in [*proto.graph.input, *proto.graph.output]:
+        assert value.type.tensor_type.shape.dim[0].dim_param, value.name
+    assert not list(artifact.parent.glob(".*.tmp"))  # the temporary file is gone
+
+
+def test_export_prints_the_sha256_of_the_file(checkpoint, tmp_path, capsys):
+    out = tmp_path / "again.onnx"
+    code, stdout, stderr = run_cli(
+        ["export", "--checkpoint", str(checkpoint), "--out", str(out), "--max-detections", "50"], capsys
+    )
+    assert code == 0, stderr
+    printed = json.loads(stdout.strip().splitlines()[-1])
+    assert printed["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert printed["metadata"]["max_detections"] == "50"
+    assert "verified against PyTorch" in stderr
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_onnx_runtime_equals_pytorch(artifact, lite_model, batch):
+    images = sample_images((320, 320), 7, seed=batch)[:batch]
+    reference = eager_reference(lite_model, PostprocessConfig())(images)
+    got = verify.run(verify.session(artifact), images)
+    assert got.boxes.shape == (batch, 200, 4) and got.labels.dtype == np.int64
+    assert reference.num_detections.sum() > 50  # a real comparison: plenty of detections
+    report = verify.Report()
+    for i in range(batch):
+        verify.compare_image(reference.image(i), got.image(i), 1e-4, 1e-5, 0.01, f"image {i}", report)
+    assert not report.problems
+    assert report.excused <= 0.01 * report.detections
+    # Padding as the contract says.
+    for i, n in enumerate(got.num_detections):
+        assert (got.labels[i, n:] == -1).all() and (got.scores[i, n:] == 0).all()
+        assert (np.diff(got.scores[i, :n]) <= 0).all()
+
+
+def test_a_batch_equals_its_images_one_by_one(artifact):
+    sess = verify.session(artifact)
+    images = sample_images((320, 320), 5, seed=11)
+    together = verify.run(sess, images)
+    for i in range(5):
+        alone = verify.run(sess, images[i : i + 1])
+        assert alone.num_detections[0] == together.num_detections[i]
+        np.testing.assert_allclose(alone.scores[0], together.scores[i], atol=1e-5)
+        np.testing.assert_allclose(alone.boxes[0], together.boxes[i], atol=1e-4)
+
+
+def test_verification_catches_a_different_graph(artifact, lite_model):
+    """The check can fail: a reference with another IoU threshold keeps other boxes."""
+    other = eager_reference(lite_model, PostprocessConfig(iou_threshold=0.3))
+    with pytest.raises(verify.VerificationError, match="no counterpart"):
+        verify.verify(verify.session(artifact), other, sample_images((320, 320), 7), 0.01)
+
+
+def test_contract_defaults_are_the_postprocessing_defaults():
+    config = PostprocessConfig()
+    assert {
+        "score_threshold": config.score_threshold,
+        "iou_threshold": config.iou_threshold,
+        "topk_candidates": config.topk_candidates,
+        "max_detections": config.max_detections,
+    } == DEFAULTS
+
+
+def test_class_agnostic_nms(lite_model, tmp_path):
+    source = Source(lite_model, CLASSES, "test")
+    config = PostprocessConfig(class_agnostic=True)
+    artifact = export_artifact(source, tmp_path / "agnostic.onnx", ExportOptions(config))
+    assert artifact.metadata["nms"] == "class_agnostic"
+    assert artifact.report is not None and artifact.report.detections > 50
+    # One box never carries two classes: no two detections share a box.
+    got = verify.run(verify.session(artifact.path), sample_images((320, 320), 2))
+    n = got.num_detections[0]
+    assert len(np.unique(got.boxes[0, :n], axis=0)) == n
+
+
+def test_raw_outputs_are_the_decoded_boxes_and_scores(lite_model, tmp_path):
+    path = tmp_path / "raw.onnx"
+    artifact = export_artifact(Source(lite_model, CLASSES, "test"), path, ExportOptions(raw=True))
+    assert artifact.metadata["outputs"] == "raw"
+    images = sample_images((320, 320), 3)
+    boxes, scores = verify.session(path).run(["boxes", "scores"], {"images": images})
+    with torch.no_grad():
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+        ref_scores, ref_boxes = decode_outputs(*lite_model(pixels), lite_model.priors)
+    assert boxes.shape == (3, 3234, 4) and scores.shape == (3, 3234, len(CLASSES))
+    np.testing.assert_allclose(boxes, ref_boxes.numpy(), atol=1e-5)
+    np.testing.assert_allclose(scores, ref_scores.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_fp16_keeps_io_types_and_nms_in_float32(lite_model, tmp_path):
+    proto = build_onnx(lite_model, ExportOptions(fp16=True))
+    path = tmp_path / "fp16.onnx"
+    onnx.save(proto, path)
+    sess = verify.session(path)
+    assert [i.type for i in sess.get_inputs()] == ["tensor(uint8)"]
+    assert [o.type for o in sess.get_outputs()] == [
+        "tensor(int64)",
+        "tensor(float)",
+        "tensor(float)",
+        "tensor(int64)",
+    ]
+    types = {init.name: init.data_type for init in proto.graph.initializer}
+    assert sum(t == onnx.TensorProto.FLOAT16 for t in types.values()) > 50  # the network's weights
+    inputs_of = {n.op_type: n for n in proto.graph.node}
+    produced_fp16 = {
+        o for n in proto.graph.node if n.op_type == "Cast" and n.attribute[0].i == 10 for o in n.output
+    }
+    for op in ("NonMaxSuppression", "TopK"):
+        assert not set(inputs_of[op].input) & produced_fp16, f"{op} reads float16"
+    images = sample_images((320, 320), 7)
+    fp32 = eager_reference(lite_model, PostprocessConfig())(images)
+    found, total = verify.agreement(fp32, verify.run(sess, images))
+    # A random network is the hard case (many near-equal, overlapping candidates, so float16
+    # rounding changes which survive NMS); trained models are held to 99% at export time.
+    assert total > 100 and found >= 0.9 * total
+
+
+def test_broken_artifacts_are_refused_with_a_clear_error(artifact, tmp_path):
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match="not a loadable ONNX model"):
+        Detector(truncated)
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"this is not a model")
+    with pytest.raises(ArtifactError, match="not a loadable ONNX model"):
+        Detector(garbage)
+    empty = tmp_path / "empty.onnx"
+    empty.write_bytes(b"")
+    with pytest.raises(ArtifactError, match="empty"):
+        Detector(empty)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        Detector(tmp_path / "missing.onnx")
+    # A valid ONNX model that is not one of ours.
+    proto = onnx.load(artifact)
+    del proto.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(proto, foreign)
+    with pytest.raises(ArtifactError, match="not an ssd export"):
+        Detector(foreign)
+
+
+def test_detector_reads_everything_from_the_metadata(artifact):
+    detector = Detector(artifact)
+    assert detector.info.classes == CLASSES
+    assert detector.info.input_size == (320, 320)
+    assert detector.info.max_detections == 200
+    assert detector.providers == ["CPUExecutionProvider"]
+    assert detector.info.describe()["metrics"]["map50"] == 0.93
+
+
+def test_export_errors_are_clear(tmp_path, capsys):
+    code, _, err = run_cli(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out", "x.onnx"], capsys)
+    assert code == 2 and "does not exist" in err
+    code, _, err = run_cli(["export", "--torchvision", "ssd300_vgg16", "--out", "x.onnx"], capsys)
+    assert code == 2 and "--weights" in err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"junk")
+    code, _, err = run_cli(
+        ["export", "--torchvision", "ssd300_vgg16", "--weights-file", str(bad), "--out", "x.onnx"], capsys
+    )
+    assert code == 2 and "bad.pt" in err
+
+
+def test_predict_writes_json_and_annotated_images(artifact, tmp_path, capsys):
+    from PIL import Image
+
+    paths = []
+    for i, pixels in enumerate(sample_images((240, 400), 2, seed=3)):
+        path = tmp_path / f"scene{i}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path))
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        ["predict", str(artifact), *paths, str(broken), "--out", str(out), "--score-threshold", "0.2"], capsys
+    )
+    assert code == 1 and "broken.jpg" in err  # the bad file is named, the others are done
+    report = json.loads(stdout.strip().splitlines()[-1])
+    first = report["results"][0]
+    assert (first["width"], first["height"]) == (400, 240)
+    assert first["detections"] and all(
+        d["score"] >= 0.2 and d["label"] in CLASSES for d in first["detections"]
+    )
+    x1, y1, x2, y2 = first["detections"][0]["box"]
+    assert 0 <= x1 < x2 <= 400 and 0 <= y1 < y2 <= 240  # pixels of the original image
+    assert (out / "scene0.jpg").is_file() and (out / "predictions.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [LITE, "ssd300_vgg16"])
+def test_torchvision_weights_export_matches_torchvision(name, tmp_path, capsys):
+    """``ssd export --torchvision NAME --weights-file``: verified against torchvision's own model
+    (its thresholds set to ours) inside the export; here we also check the classes and source."""
+    model = calibrated(name, num_classes=5, seed=1)
+    weights = tmp_path / "tv.pth"
+    torch.save(model.state_dict(), weights)
+    out = tmp_path / "tv.onnx"
+    code, stdout, err = run_cli(
+        ["export", "--torchvision", name, "--weights-file", str(weights), "--out", str(out)], capsys
+    )
+    assert code == 0, err
+    meta = json.loads(stdout.strip().splitlines()[-1])["metadata"]
+    assert json.loads(meta["classes"]) == ["class_0", "class_1", "class_2", "class_3"]
+    assert meta["source"] == f"{name}:tv.pth"
+    assert "verified against PyTorch" in err and " 0 detections" not in err
