@@ -108,6 +108,12 @@ def _predict(args: argparse.Namespace) -> int:
     return predict.run(args)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from service import server
+
+    return server.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detection: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -155,9 +161,12 @@ def build_parser() -> argparse.ArgumentParser:
     _configure_lazily(predict, "service.predict")
     predict.set_defaults(run=_predict)
 
+    serve = sub.add_parser("serve", help="run the detection service (FastAPI + ONNX Runtime)")
+    _configure_lazily(serve, "service.server")
+    serve.set_defaults(run=_serve)
+
     # Built by later issues; each parser keeps its contract name so that `ssd --help` lists it.
     for name, text in [
-        ("serve", "run the detection service"),
         ("bench", "benchmarks"),
     ]:
         p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)

@@ -66,6 +66,7 @@ class Detections:
     boxes: np.ndarray  # float32 [n, 4] xyxy in [0, 1]
     scores: np.ndarray  # float32 [n], descending
     labels: np.ndarray  # int64 [n], 0-based
+    model: ModelInfo  # the model that found them (a reload may swap models between batches)
 
 
 def provider_list(names: Sequence[str]) -> list[str]:
@@ -177,4 +178,7 @@ class Detector:
 
     def detect(self, images: np.ndarray) -> list[Detections]:
         num, boxes, scores, labels = self.run(images)
-        return [Detections(boxes[i, :n], scores[i, :n], labels[i, :n]) for i, n in enumerate(num.tolist())]
+        return [
+            Detections(boxes[i, :n], scores[i, :n], labels[i, :n], self.info)
+            for i, n in enumerate(num.tolist())
+        ]

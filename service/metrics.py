@@ -1,0 +1,117 @@
+"""Prometheus metrics, with the names and labels of shared/design.md.
+
+Each app owns a ``CollectorRegistry`` (no module-level global registry), so that tests can run
+several apps in one process. Histogram buckets span 1 ms to 30 s: SSD requests on a GPU take a
+few milliseconds, on a busy CPU seconds, and the tail is what alerts look at.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+DETECTION_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        self.requests = Counter(
+            "detector_requests", "HTTP requests answered", ["route", "code"], registry=registry
+        )
+        self.request_duration = Histogram(
+            "detector_request_duration_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "detector_requests_in_flight", "HTTP requests being handled", registry=registry
+        )
+        self.images = Counter("detector_images", "Images run through the model", registry=registry)
+        self.queue_depth = Gauge("detector_queue_depth", "Images waiting for a batch", registry=registry)
+        self.queue_wait = Histogram(
+            "detector_queue_wait_seconds",
+            "Time an image waits in the queue before its batch starts",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.preprocess = Histogram(
+            "detector_preprocess_duration_seconds",
+            "Decoding and resizing one image",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.inference = Histogram(
+            "detector_inference_duration_seconds",
+            "One batch in the ONNX Runtime session",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "detector_batch_size", "Images per batch", buckets=BATCH_BUCKETS, registry=registry
+        )
+        self.batches = Counter("detector_batches", "Batches run", registry=registry)
+        self.rejected = Counter(
+            "detector_rejected_requests",
+            "Requests refused or dropped before inference",
+            ["reason"],
+            registry=registry,
+        )
+        self.detections = Histogram(
+            "detector_detections_per_image",
+            "Detections returned per image",
+            buckets=DETECTION_BUCKETS,
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "detector_model_info",
+            "The model being served (value 1)",
+            ["model", "version", "sha256", "provider"],
+            registry=registry,
+        )
+        self.reloads = Counter(
+            "detector_model_reloads", "Model loads after the first", ["result"], registry=registry
+        )
+        self.ready = Gauge("detector_ready", "1 when a model is loaded and warmed up", registry=registry)
+        for result in ("success", "failure"):
+            self.reloads.labels(result)
+
+    def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:
+        self.model_info.clear()
+        self.model_info.labels(model, version, sha256, provider).set(1)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

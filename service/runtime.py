@@ -1,0 +1,138 @@
+"""The model being served: loading, warm-up, validation and hot reload without downtime.
+
+A reload loads the new artifact and warms it up beside the old one (off the event loop), then
+swaps one reference. The batcher reads that reference at the start of each batch, so batches in
+flight finish on the old session and the next one runs on the new. A broken artifact is
+refused, logged and counted, and the old model keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .artifact import ArtifactError, Detector
+from .metrics import Metrics
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class GPURequired(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class _FileStamp:
+    mtime_ns: int
+    size: int
+    inode: int
+
+
+def _stamp(path: str) -> _FileStamp | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _FileStamp(st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+class ModelRuntime:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.detector: Detector | None = None
+        self.loaded_at: float | None = None
+        self._lock = asyncio.Lock()
+        self._stamp: _FileStamp | None = None
+        self._poller: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.detector is not None
+
+    def _load(self, path: str) -> Detector:
+        """Load, check the providers, warm up every batch size: runs in a worker thread."""
+        s = self.settings
+        detector = Detector(path, providers=s.providers, intra_op_threads=s.intra_op_threads)
+        if s.require_gpu and "CUDAExecutionProvider" not in detector.providers:
+            raise GPURequired(
+                f"SSD_REQUIRE_GPU is set but ONNX Runtime runs {path} on {detector.providers}: "
+                "the CUDA provider did not load (check the CUDA and cuDNN libraries)"
+            )
+        height, width = detector.info.input_size
+        started = time.perf_counter()
+        for batch in range(1, s.max_batch_size + 1):
+            detector.run(np.zeros((batch, height, width, 3), dtype=np.uint8))
+        log.info(
+            "model %s (%s, sha256 %s) on %s, warmed up for batches 1..%d in %.2f s",
+            detector.info.name,
+            detector.info.version,
+            detector.info.sha256[:12],
+            ",".join(detector.providers),
+            s.max_batch_size,
+            time.perf_counter() - started,
+        )
+        return detector
+
+    def _swap(self, detector: Detector) -> None:
+        self.detector = detector
+        self.loaded_at = time.time()
+        info = detector.info
+        self.metrics.set_model(info.name, info.version, info.sha256, detector.providers[0])
+        self.metrics.ready.set(1)
+
+    async def load(self, path: str | None = None, initial: bool = False) -> Detector:
+        """Load ``path`` (default: the configured one) and swap it in. Raises ArtifactError or
+        GPURequired; the current model, if any, keeps serving."""
+        path = path or self.settings.model_path
+        async with self._lock:
+            stamp = _stamp(path)
+            try:
+                detector = await asyncio.get_running_loop().run_in_executor(None, self._load, path)
+            except (ArtifactError, GPURequired):
+                if not initial:
+                    self.metrics.reloads.labels("failure").inc()
+                self._stamp = stamp  # do not retry the same broken file on every poll
+                raise
+            except Exception as exc:  # ORT failing in warm-up, out of memory, ...
+                if not initial:
+                    self.metrics.reloads.labels("failure").inc()
+                self._stamp = stamp
+                raise ArtifactError(f"{path} failed to load or warm up: {exc}") from exc
+            self._swap(detector)
+            self._stamp = stamp
+            if not initial:
+                self.metrics.reloads.labels("success").inc()
+            return detector
+
+    def start_polling(self) -> None:
+        if self.settings.model_poll_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="model-poller")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+
+    async def _poll(self) -> None:
+        """Reload when the artifact file changes (a new file renamed over it, as ssd export does)."""
+        path = self.settings.model_path
+        while True:
+            await asyncio.sleep(self.settings.model_poll_s)
+            stamp = _stamp(path)
+            if stamp is None or stamp == self._stamp:
+                continue
+            # A writer that does not rename may still be writing: wait for the file to settle.
+            await asyncio.sleep(min(self.settings.model_poll_s, 1.0))
+            if _stamp(path) != stamp:
+                continue
+            log.info("model file %s changed; reloading", path)
+            try:
+                await self.load(path, initial=self.detector is None)
+            except (ArtifactError, GPURequired) as exc:
+                log.error("reload of %s rejected, still serving the previous model: %s", path, exc)

@@ -1,0 +1,50 @@
+"""``ssd serve [--model FILE.onnx] [--host H] [--port P]``: the service under uvicorn.
+
+SIGTERM (and Ctrl-C) stop it gracefully: uvicorn stops accepting connections and waits for the
+requests in progress (up to SSD_SHUTDOWN_TIMEOUT_S), then the app's shutdown drains the queue,
+and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+log = logging.getLogger(__name__)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="the .onnx artifact (default: SSD_MODEL_PATH)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .app import create_app
+    from .middleware import configure_logging
+    from .settings import Settings
+
+    try:
+        settings = Settings(**({"model_path": args.model} if args.model else {}))
+    except ValidationError as exc:
+        print(f"ssd serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_json)
+    config = uvicorn.Config(
+        create_app(settings),
+        host=args.host,
+        port=args.port,
+        log_config=None,  # ours (configure_logging), with request ids
+        access_log=False,  # the app logs each request once, with its id and duration
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
+        lifespan="on",
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    # uvicorn returns without raising when the lifespan startup fails (e.g. SSD_REQUIRE_GPU).
+    return 0 if server.started else 1

@@ -1,0 +1,46 @@
+"""The service's settings: environment variables with the prefix ``SSD_`` (shared/design.md)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SSD_", extra="ignore", protected_namespaces=())
+
+    model_path: str = "models/demo.onnx"
+    # Execution providers in order of preference: tensorrt, cuda, cpu.
+    providers: Annotated[list[str], NoDecode] = ["cuda", "cpu"]
+    require_gpu: bool = False  # refuse to start when the CUDA provider did not load
+    max_batch_size: int = Field(8, ge=1, le=256)
+    max_queue_delay_ms: float = Field(5.0, ge=0)
+    max_queue_size: int = Field(64, ge=1)  # images waiting; past it, 503
+    request_timeout_s: float = Field(10.0, gt=0)
+    max_image_bytes: int = Field(20 * MB, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_images_per_request: int = Field(16, ge=1)
+    score_threshold: float = Field(0.5, ge=0, le=1)
+    intra_op_threads: int | None = Field(None, ge=1)  # ONNX Runtime CPU threads (default: its own)
+    admin_token: SecretStr | None = None  # bearer token for POST /model/reload
+    model_poll_s: float = Field(0.0, ge=0)  # watch the artifact file; 0 = do not watch
+    # Beyond the contract:
+    decode_threads: int = Field(4, ge=1)  # image decoding and resizing
+    shutdown_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long queued work may take
+    log_json: bool = False  # one JSON object per log line
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [p.strip() for p in value.split(",") if p.strip()]
+        return value
+
+    @field_validator("admin_token", mode="after")
+    @classmethod
+    def _empty_is_none(cls, value: SecretStr | None) -> SecretStr | None:
+        return value if value is not None and value.get_secret_value() else None

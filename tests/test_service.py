@@ -1,0 +1,445 @@
+"""The service in-process, through httpx's ASGI transport with the app's lifespan: every route,
+every input form, every error code, batching, back-pressure, deadlines and hot reload."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+from service.app import create_app
+from service.runtime import GPURequired
+from service.settings import Settings
+
+COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
+CLASSES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
+
+
+def settings(model: Path, **overrides) -> Settings:
+    return Settings(model_path=str(model), providers=["cpu"], intra_op_threads=2, **overrides)
+
+
+@asynccontextmanager
+async def serving(config: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(config)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://detector", timeout=60) as client:
+            yield client
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def encode(image: Image.Image, fmt: str = "JPEG", **kwargs) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **kwargs)
+    return out.getvalue()
+
+
+def scene(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
+    """A synthetic scene of shapes (what the test model was calibrated on)."""
+    from model.data.synth import render
+
+    return render(np.random.default_rng(seed), (height, width)).image
+
+
+def metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}
+    assert "Traceback" not in body["error"]["message"]
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+def test_operational_routes(served_artifact):
+    async def go():
+        async with serving(settings(served_artifact)) as client:
+            assert (await client.get("/healthz")).json() == {"status": "ok"}
+            assert (await client.get("/readyz")).status_code == 200
+            model = (await client.get("/model")).json()
+            assert model["name"] == "ssdlite320_mobilenet_v3_large"
+            assert model["providers"] == ["CPUExecutionProvider"]
+            assert model["metadata"]["classes"] == CLASSES
+            assert len(model["sha256"]) == 64
+            page = await client.get("/")
+            assert (
+                page.status_code == 200
+                and "<canvas" in page.text
+                and "http" not in page.text.split("<script")[1]
+            )
+            metrics = await client.get("/metrics")
+            assert metrics.headers["content-type"].startswith("text/plain")
+            assert metric(metrics.text, "detector_ready") == 1
+            assert 'detector_model_info{model="ssdlite320_mobilenet_v3_large"' in metrics.text
+            assert "process_resident_memory_bytes" in metrics.text
+            response = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+            assert response.headers["x-request-id"] == "abc-123"
+            assert len((await client.get("/healthz")).headers["x-request-id"]) == 32
+
+    run(go())
+
+
+def test_detect_raw_and_multipart_in_order(served_artifact):
+    wide, tall = scene(640, 480, seed=1), scene(300, 500, seed=2)
+
+    async def go():
+        async with serving(settings(served_artifact)) as client:
+            raw = await client.post(
+                "/detect",
+                content=encode(wide),
+                headers={"Content-Type": "image/jpeg"},
+                params={"score_threshold": 0.2},
+            )
+            assert raw.status_code == 200, raw.text
+            body = raw.json()
+            assert body["model"]["name"] == "ssdlite320_mobilenet_v3_large"
+            (result,) = body["results"]
+            assert (result["width"], result["height"]) == (640, 480)
+            assert result["detections"], "the calibrated model finds shapes"
+            for d in result["detections"]:
+                x1, y1, x2, y2 = d["box"]
+                assert 0 <= x1 < x2 <= 640 and 0 <= y1 < y2 <= 480
+                assert d["label"] == CLASSES[d["class_id"]] and d["score"] >= 0.2
+            scores = [d["score"] for d in result["detections"]]
+            assert scores == sorted(scores, reverse=True)
+
+            files = [("file", ("tall.png", encode(tall, "PNG"), "image/png")),
+                     ("file", ("wide.jpg", encode(wide), "image/jpeg"))]  # fmt: skip
+            multi = await client.post("/detect", files=files, params={"score_threshold": 0.2})
+            assert multi.status_code == 200, multi.text
+            results = multi.json()["results"]
+            assert [r["filename"] for r in results] == ["tall.png", "wide.jpg"]
+            assert (results[0]["width"], results[0]["height"]) == (300, 500)
+            assert results[1]["detections"] == result["detections"]  # same image, same answer
+
+            few = await client.post(
+                "/detect",
+                content=encode(wide),
+                headers={"Content-Type": "image/jpeg"},
+                params={"score_threshold": 0.0, "max_detections": 3, "classes": "star,circle"},
+            )
+            detections = few.json()["results"][0]["detections"]
+            assert 0 < len(detections) <= 3 and {d["label"] for d in detections} <= {"star", "circle"}
+
+    run(go())
+
+
+def test_boxes_follow_exif_orientation(served_artifact):
+    image = scene(400, 240, seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when displayed
+
+    async def go():
+        async with serving(settings(served_artifact)) as client:
+            response = await client.post(
+                "/detect", content=encode(image, exif=exif), headers={"Content-Type": "image/jpeg"}
+            )
+            result = response.json()["results"][0]
+            assert (result["width"], result["height"]) == (240, 400)  # as displayed
+            for d in result["detections"]:
+                assert d["box"][2] <= 240 and d["box"][3] <= 400
+
+    run(go())
+
+
+def test_every_image_mode_is_read(served_artifact):
+    base = scene(200, 150, seed=4)
+    sixteen = Image.new("I;16", base.size)
+    sixteen.frombytes((np.asarray(base.convert("L"), dtype="<u2") * 257).tobytes())
+    frames = [scene(120, 90, seed=s) for s in (5, 6)]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:], duration=100)
+    bodies = {
+        "L": encode(base.convert("L"), "PNG"),
+        "LA": encode(base.convert("LA"), "PNG"),
+        "P": encode(base.convert("P"), "PNG"),
+        "RGBA": encode(base.convert("RGBA"), "PNG"),
+        "CMYK": encode(base.convert("CMYK"), "JPEG"),
+        "I;16": encode(sixteen, "PNG"),
+        "GIF": gif.getvalue(),
+        "WEBP": encode(base, "WEBP"),
+        "BMP": encode(base, "BMP"),
+        "TIFF": encode(base, "TIFF"),
+    }
+
+    async def go():
+        async with serving(settings(served_artifact)) as client:
+            for mode, data in bodies.items():
+                response = await client.post("/detect", content=data, headers={"Content-Type": "image/x-any"})
+                assert response.status_code == 200, (mode, response.text)
+                width, height = (120, 90) if mode == "GIF" else (200, 150)
+                assert (response.json()["results"][0]["width"], response.json()["results"][0]["height"]) == (
+                    width,
+                    height,
+                )
+
+    run(go())
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, with a tiny body: never to be decoded."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    data = zlib.compress(b"\x00" * 64)
+    idat = b"IDAT" + data
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + struct.pack(">I", len(ihdr)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+        + struct.pack(">I", len(data)) + idat + struct.pack(">I", zlib.crc32(idat))
+        + struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    )  # fmt: skip
+
+
+def test_bad_input_gets_clear_errors_and_the_service_keeps_serving(served_artifact):
+    good = encode(scene(320, 240, seed=7))
+    jpeg = {"Content-Type": "image/jpeg"}
+
+    async def go():
+        config = settings(
+            served_artifact, max_image_bytes=200_000, max_images_per_request=3, max_image_pixels=4_000_000
+        )
+        async with serving(config) as client:
+            assert_error(
+                await client.post("/detect", content=good[: len(good) // 2], headers=jpeg),
+                400,
+                "invalid_image",
+            )
+            assert_error(await client.post("/detect", content=b"\xff\xd8\xff\xe0garbage", headers=jpeg), 400)
+            assert_error(await client.post("/detect", content=b"", headers=jpeg), 400)
+            big = encode(
+                Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 400, 3), dtype=np.uint8)),
+                "PNG",
+            )
+            assert_error(
+                await client.post("/detect", content=big, headers={"Content-Type": "image/png"}), 413
+            )
+            error = assert_error(
+                await client.post(
+                    "/detect", content=bomb_png(50_000, 50_000), headers={"Content-Type": "image/png"}
+                ),
+                413,
+                "image_too_large",
+            )
+            assert "2500000000 pixels" in error["message"]
+            files = [("file", (f"{i}.jpg", good, "image/jpeg")) for i in range(4)]
+            assert_error(await client.post("/detect", files=files), 413, "too_many_images")
+            assert_error(
+                await client.post("/detect", content=b"hello", headers={"Content-Type": "text/plain"}), 415
+            )
+            assert_error(
+                await client.post("/detect", content=b"just text", headers={"Content-Type": "image/png"}), 415
+            )
+            error = assert_error(
+                await client.post("/detect", files=[("file", ("notes.txt", b"just text", "text/plain"))]), 415
+            )
+            assert "notes.txt" in error["message"]
+            assert_error(await client.post("/detect", files={"other": ("a.jpg", good, "image/jpeg")}), 422)
+            for params in ({"score_threshold": 1.5}, {"score_threshold": "x"}, {"max_detections": 0},
+                           {"max_detections": 201}, {"classes": "dog"}):  # fmt: skip
+                assert_error(await client.post("/detect", content=good, headers=jpeg, params=params), 422)
+            assert_error(await client.get("/nowhere"), 404)
+            # Nothing above stopped the service.
+            assert (await client.post("/detect", content=good, headers=jpeg)).status_code == 200
+            text = (await client.get("/metrics")).text
+            assert metric(text, 'detector_requests_total{code="413",route="/detect"}') == 3
+
+    run(go())
+
+
+def test_concurrent_requests_form_batches(served_artifact):
+    image = encode(scene(320, 320, seed=8))
+
+    async def go():
+        async with serving(
+            settings(served_artifact, max_batch_size=8, max_queue_delay_ms=20, max_queue_size=128)
+        ) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
+                    for _ in range(100)
+                )
+            )
+            assert [r.status_code for r in responses] == [200] * 100
+            assert len({r.text for r in responses}) == 1  # batching does not change answers
+            text = (await client.get("/metrics")).text
+            batches = metric(text, "detector_batch_size_count")
+            assert metric(text, "detector_batch_size_sum") == 100
+            assert batches < 100 / 2, f"{batches} batches for 100 images: no batching"
+            assert metric(text, "detector_images_total") == 100
+
+    run(go())
+
+
+def test_a_full_queue_answers_503_at_once(served_artifact):
+    image = encode(scene(320, 320, seed=9))
+
+    async def go():
+        async with serving(settings(served_artifact, max_batch_size=1, max_queue_size=2)) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
+                    for _ in range(30)
+                )
+            )
+            codes = [r.status_code for r in responses]
+            assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+            rejected = [r for r in responses if r.status_code == 503]
+            assert all(r.headers["retry-after"] == "1" for r in rejected)
+            assert_error(rejected[0], 503, "queue_full")
+            text = (await client.get("/metrics")).text
+            assert metric(text, 'detector_rejected_requests_total{reason="queue_full"}') == len(rejected)
+
+    run(go())
+
+
+def test_expired_requests_answer_504(served_artifact):
+    async def go():
+        async with serving(settings(served_artifact, request_timeout_s=1e-4)) as client:
+            response = await client.post(
+                "/detect", content=encode(scene(seed=10)), headers={"Content-Type": "image/jpeg"}
+            )
+            assert_error(response, 504, "deadline_exceeded")
+
+    run(go())
+
+
+def with_version(source: Path, target: Path, version: str) -> None:
+    """The same network under another version (so another sha256), written by rename."""
+    proto = onnx.load(source)
+    for prop in proto.metadata_props:
+        if prop.key == "version":
+            prop.value = version
+    tmp = target.with_suffix(".tmp")
+    onnx.save(proto, tmp)
+    os.replace(tmp, target)
+
+
+def test_reload_is_guarded_and_swaps_without_failures(served_artifact, tmp_path):
+    model = tmp_path / "model.onnx"
+    shutil.copy(served_artifact, model)
+    image = encode(scene(seed=11))
+    token = {"Authorization": "Bearer s3cret"}
+
+    async def go():
+        async with serving(settings(model)) as client:
+            assert_error(await client.post("/model/reload", headers=token), 403)  # no token configured
+        async with serving(settings(model, admin_token="s3cret")) as client:
+            assert_error(await client.post("/model/reload"), 403)
+            assert_error(await client.post("/model/reload", headers={"Authorization": "Bearer wrong"}), 403)
+            before = (await client.get("/model")).json()["sha256"]
+
+            async def load(n: int) -> list[int]:
+                out = []
+                for _ in range(n):
+                    r = await client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
+                    out.append(r.status_code)
+                return out
+
+            with_version(served_artifact, model, "v2")
+            traffic = asyncio.gather(*(load(6) for _ in range(4)))
+            await asyncio.sleep(0.05)
+            reloaded = await client.post("/model/reload", headers=token)
+            assert reloaded.status_code == 200, reloaded.text
+            assert reloaded.json()["version"] == "v2"
+            codes = [c for batch in await traffic for c in batch]
+            assert codes == [200] * 24  # zero failed requests across the swap
+            after = (await client.get("/model")).json()
+            assert after["version"] == "v2" and after["sha256"] != before
+
+            model.write_bytes(b"not an onnx model at all")
+            error = assert_error(await client.post("/model/reload", headers=token), 422, "invalid_artifact")
+            assert "not a loadable ONNX model" in error["message"]
+            assert (await client.get("/model")).json()["version"] == "v2"  # the old model serves on
+            assert (
+                await client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
+            ).status_code == 200
+            text = (await client.get("/metrics")).text
+            assert metric(text, 'detector_model_reloads_total{result="success"}') == 1
+            assert metric(text, 'detector_model_reloads_total{result="failure"}') == 1
+            assert 'version="v2"' in text
+
+    run(go())
+
+
+def test_a_changed_artifact_file_is_picked_up(served_artifact, tmp_path):
+    model = tmp_path / "model.onnx"
+    shutil.copy(served_artifact, model)
+
+    async def go():
+        async with serving(settings(model, model_poll_s=0.1)) as client:
+            with_version(served_artifact, model, "polled")
+            for _ in range(100):
+                if (await client.get("/model")).json()["version"] == "polled":
+                    break
+                await asyncio.sleep(0.1)
+            assert (await client.get("/model")).json()["version"] == "polled"
+            model.write_bytes(b"broken")
+            await asyncio.sleep(1.5)
+            assert (await client.get("/model")).json()["version"] == "polled"  # broken file refused
+            assert (await client.get("/readyz")).status_code == 200
+
+    run(go())
+
+
+def test_no_model_means_not_ready_but_alive(tmp_path):
+    async def go():
+        async with serving(settings(tmp_path / "missing.onnx")) as client:
+            assert (await client.get("/healthz")).status_code == 200
+            response = await client.get("/readyz")
+            assert_error(response, 503, "not_ready")
+            assert response.headers["retry-after"]
+            assert_error(
+                await client.post("/detect", content=b"x", headers={"Content-Type": "image/jpeg"}), 503
+            )
+
+    run(go())
+
+
+def test_require_gpu_refuses_to_start_on_cpu(served_artifact):
+    async def go():
+        app = create_app(settings(served_artifact, require_gpu=True))
+        with pytest.raises(GPURequired, match="CUDA provider did not load"):
+            async with app.router.lifespan_context(app):
+                pass
+
+    run(go())
+
+
+@pytest.mark.skipif(not COCO.is_dir(), reason=f"real photos not found at {COCO}")
+def test_real_photos(served_artifact):
+    photos = sorted(COCO.glob("*.jpg"))[:4]
+
+    async def go():
+        async with serving(settings(served_artifact)) as client:
+            files = [("file", (p.name, p.read_bytes(), "image/jpeg")) for p in photos]
+            response = await client.post("/detect", files=files)
+            assert response.status_code == 200
+            for photo, result in zip(photos, response.json()["results"], strict=True):
+                with Image.open(photo) as image:
+                    assert (result["width"], result["height"]) == image.size
+
+    run(go())
