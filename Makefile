@@ -1,5 +1,7 @@
 # The two commands: `make serve` runs the product, `make test` runs every test.
 SHELL := /bin/bash
+HOST ?= 127.0.0.1
+PORT ?= 8000
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 
 .PHONY: install serve test test-fast lint format bench clean
@@ -10,7 +12,7 @@ install:
 	$(UV) sync --frozen
 
 serve: install
-	$(UV) run --frozen ssd serve
+	$(UV) run --frozen ssd serve --host $(HOST) --port $(PORT)
 
 test: install
 	$(UV) run --frozen pytest

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 
 from pydantic import ValidationError
@@ -45,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
     )
     server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM/SIGINT while serving, then re-raises the signal once shut down so
+    # that the previous handler runs. With the default handler that kills the process (status
+    # -15); a graceful stop is a success, so the previous handler here just lets run() return.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: log.info("stopped by signal %d", signum))
     server.run()
     # uvicorn returns without raising when the lifespan startup fails (e.g. SSD_REQUIRE_GPU).
     return 0 if server.started else 1
