@@ -300,3 +300,25 @@ def test_torchvision_weights_export_matches_torchvision(name, tmp_path, capsys):
     assert json.loads(meta["classes"]) == ["class_0", "class_1", "class_2", "class_3"]
     assert meta["source"] == f"{name}:tv.pth"
     assert "verified against PyTorch" in err and " 0 detections" not in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ssd512_vgg16", "ssd300_resnet50"])
+def test_every_model_of_the_family_exports_and_verifies(name, tmp_path):
+    model = calibrated(name, num_classes=4, seed=2)
+    artifact = export_artifact(Source(model, ["a", "b", "c"], "test"), tmp_path / f"{name}.onnx")
+    assert artifact.report is not None and artifact.report.detections > 50
+    size = model.input_size
+    got = verify.run(verify.session(artifact.path), sample_images(size, 3))
+    assert got.boxes.shape == (3, 200, 4)
+
+
+def test_detector_io_binding_path_gives_the_same_outputs(artifact):
+    """The IOBinding path (used on CUDA) run on the CPU: same outputs as a plain run."""
+    detector = Detector(artifact)
+    images = sample_images((320, 320), 3)
+    plain = detector.run(images)
+    detector.io_binding, detector._output_device = True, "cpu"
+    bound = detector.run(images)
+    for a, b in zip(plain, bound, strict=True):
+        np.testing.assert_array_equal(a, b)
