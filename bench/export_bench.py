@@ -138,7 +138,7 @@ def bench_model(label: str, model, threads: int, repeats: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["ssdlite320_mobilenet_v3_large", "ssd300_vgg16"])
+    parser.add_argument("--models", nargs="*", default=["ssdlite320_mobilenet_v3_large", "ssd300_vgg16"])
     parser.add_argument("--classes", type=int, default=90, help="random models: classes without background")
     parser.add_argument("--checkpoint", help="a trained checkpoint to measure as well")
     parser.add_argument("--repeats", type=int, default=10)

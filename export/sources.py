@@ -41,7 +41,7 @@ def from_checkpoint(path: str | Path) -> Source:
     val = metrics.get("val", metrics) if isinstance(metrics, dict) else {}
     kept = {k: v for k, v in val.items() if isinstance(v, int | float)}
     if "epoch" in checkpoint:
-        kept["epoch"] = checkpoint["epoch"] + 1
+        kept["epoch"] = checkpoint["epoch"]  # epochs completed
     return Source(model, list(checkpoint["classes"]), f"sha256:{sha256(path)}", kept)
 
 
