@@ -4,9 +4,10 @@
 #       docker build -t ssd-detector .
 #   trainer: torch (CUDA wheels) for `ssd train` and `ssd export`.
 #       docker build --target trainer -t ssd-detector-trainer .
-# onnxruntime-gpu 1.2x needs CUDA 12 and cuDNN 9, which this base provides; on a machine
+# The locked onnxruntime-gpu (1.31) is built for CUDA 13 and cuDNN 9 (its error on a CUDA 12
+# machine: "Require cuDNN 9.* and CUDA 13.*"), which this base provides; on a machine
 # without a GPU the same image runs on the CPU provider (SSD_PROVIDERS=cpu).
-ARG CUDA_BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+ARG CUDA_BASE=nvidia/cuda:13.0.0-cudnn-runtime-ubuntu24.04
 
 # ---- build the serving environment (uv, no torch) ------------------------------------------
 FROM ${CUDA_BASE} AS serving-build
