@@ -17,8 +17,12 @@ install:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen
 
+# CUDA first where a GPU driver is present; elsewhere straight to the CPU, without ONNX Runtime's
+# failed attempt to load the CUDA libraries in the log.
+SSD_PROVIDERS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda,cpu || echo cpu)
+
 serve: install $(DEMO_MODEL)
-	SSD_MODEL_PATH=$(DEMO_MODEL) $(UV) run --frozen ssd serve --host $(HOST) --port $(PORT)
+	SSD_MODEL_PATH=$(DEMO_MODEL) SSD_PROVIDERS=$(SSD_PROVIDERS) $(UV) run --frozen ssd serve --host $(HOST) --port $(PORT)
 
 # Built only where missing (a fresh clone has it committed).
 $(DEMO_MODEL):
