@@ -10,19 +10,27 @@ UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 DEMO_MODEL ?= models/demo.onnx
 DEMO_EPOCHS ?= 24
 
-.PHONY: install serve test test-fast lint format bench clean demo-model
+
+.PHONY: uv install install-serving serve test test-fast lint format bench clean demo-model
 
 # uv itself, where it is missing.
-install:
+uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+
+install: uv
 	$(UV) sync --frozen
+
+# What serving needs and no more (no torch): a fresh machine serves in a minute. --inexact keeps
+# whatever else is already installed (a developer's training environment).
+install-serving: uv
+	$(UV) sync --frozen --inexact --no-default-groups --group serving
 
 # CUDA first where a GPU driver is present; elsewhere straight to the CPU, without ONNX Runtime's
 # failed attempt to load the CUDA libraries in the log.
 SSD_PROVIDERS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda,cpu || echo cpu)
 
-serve: install $(DEMO_MODEL)
-	SSD_MODEL_PATH=$(DEMO_MODEL) SSD_PROVIDERS=$(SSD_PROVIDERS) $(UV) run --frozen ssd serve --host $(HOST) --port $(PORT)
+serve: install-serving $(DEMO_MODEL)
+	SSD_MODEL_PATH=$(DEMO_MODEL) SSD_PROVIDERS=$(SSD_PROVIDERS) $(UV) run --frozen --no-sync ssd serve --host $(HOST) --port $(PORT)
 
 # Built only where missing (a fresh clone has it committed).
 $(DEMO_MODEL):
