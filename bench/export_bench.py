@@ -17,25 +17,23 @@ NMS candidate, the worst case for the post-processing. ``--checkpoint`` adds a t
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from machine import emit, machine_info
+from machine import emit, machine_info, sample_times
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import calibrate_batch_norm
 
 from export.exporter import ExportOptions, build_onnx, sample_images
-from export.graph import DetectionGraph
+from export.graph import DetectionGraph, module_path
 from export.sources import from_checkpoint
 from model.registry import build_model
 
@@ -51,13 +49,7 @@ def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSes
 
 def timed(fn, repeats: int) -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(sample_times(fn, repeats, warmup=1))
 
 
 def post_processing_nodes(proto: onnx.ModelProto) -> set[str]:
@@ -65,8 +57,7 @@ def post_processing_nodes(proto: onnx.ModelProto) -> set[str]:
     the ``model`` submodule; what feeds it (cast, /255, transpose) is preprocessing, not counted."""
     network, outside = set(), {}
     for node in proto.graph.node:
-        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
-        path = ast.literal_eval(scopes)
+        path = module_path(node)
         if len(path) > 1 and path[1] == "model":
             network.add(node.name)
         else:

@@ -12,27 +12,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from machine import emit, machine_info
+from machine import emit, machine_info, sample_times
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
 from model import MultiBoxLoss, build_model, match, pad_targets
-
-
-def _time(fn, repeats: int) -> list[float]:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def main() -> None:
@@ -106,8 +94,8 @@ def main() -> None:
             sync()
 
         results[label] = {
-            "forward_ms": statistics.median(_time(forward, args.repeats)) * 1e3,
-            "forward_backward_ms": statistics.median(_time(forward_backward, args.repeats)) * 1e3,
+            "forward_ms": statistics.median(sample_times(forward, args.repeats)) * 1e3,
+            "forward_backward_ms": statistics.median(sample_times(forward_backward, args.repeats)) * 1e3,
         }
     with torch.no_grad():
         agreement = abs(float(ours()) - float(torchvision_loss())) / float(torchvision_loss())

@@ -1,10 +1,12 @@
-"""What a benchmark ran on: recorded with every figure."""
+"""What the benchmarks share: what they ran on (recorded with every figure), how they time and report."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -35,6 +37,18 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     if torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def sample_times(fn: Callable[[], object], repeats: int, warmup: int = 3) -> list[float]:
+    """Seconds of each of ``repeats`` calls of ``fn()``, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def emit(report: dict[str, Any], path: str | None) -> None:

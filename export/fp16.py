@@ -15,10 +15,10 @@ Inputs (uint8) and outputs keep their types (``keep_io_types``).
 
 from __future__ import annotations
 
-import ast
-
 import onnx
 from onnxconverter_common import float16
+
+from .graph import module_path
 
 # Ops whose float16 results overflow or lose too much on SSD activations.
 _FLOAT32_OPS = {
@@ -33,14 +33,10 @@ _FLOAT32_OPS = {
     "Softmax",
     "Div",
 }
-_NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 
 def _in_network(node: onnx.NodeProto, network_scope: str) -> bool:
-    scopes = next((p.value for p in node.metadata_props if p.key == _NAME_SCOPES), "[]")
-    # The dynamo exporter records each node's module path as a list literal, outermost first:
-    # "['', 'model', 'model.backbone', ..., 'conv2d_3']".
-    path = ast.literal_eval(scopes)
+    path = module_path(node)
     return len(path) > 2 and path[1] == network_scope and path[2] != f"{network_scope}.head"
 
 

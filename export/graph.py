@@ -9,6 +9,9 @@ runtimes that bring their own NMS (TensorRT's EfficientNMS plugin takes exactly 
 
 from __future__ import annotations
 
+import ast
+
+import onnx
 import torch
 from torch import Tensor, nn
 
@@ -49,3 +52,11 @@ class DetectionGraph(nn.Module):
             c.max_detections,
             c.class_agnostic,
         )
+
+
+def module_path(node: onnx.NodeProto) -> list[str]:
+    """The module path the dynamo exporter recorded for ``node``, outermost first, e.g.
+    ``['', 'model', 'model.backbone', ..., 'conv2d_3']``; the network's nodes have ``'model'``
+    (``DetectionGraph.model``) second."""
+    scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+    return ast.literal_eval(scopes)

@@ -68,6 +68,40 @@ class Detections:
     labels: np.ndarray  # int64 [n], 0-based
     model: ModelInfo  # the model that found them (a reload may swap models between batches)
 
+    def to_json(
+        self,
+        width: int,
+        height: int,
+        threshold: float,
+        limit: int | None = None,
+        keep: set[int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """The contract's detection objects, boxes in pixels of a ``width`` x ``height`` image:
+        scores at least ``threshold``, classes in ``keep`` (all if None), at most ``limit``."""
+        out: list[dict[str, Any]] = []
+        for box, score, label in zip(
+            self.boxes.tolist(), self.scores.tolist(), self.labels.tolist(), strict=True
+        ):
+            if score < threshold or len(out) == limit:
+                break  # scores are descending
+            if keep is not None and label not in keep:
+                continue
+            x1, y1, x2, y2 = box
+            out.append(
+                {
+                    "label": self.model.classes[label],
+                    "class_id": label,
+                    "score": round(score, 5),
+                    "box": [
+                        round(x1 * width, 2),
+                        round(y1 * height, 2),
+                        round(x2 * width, 2),
+                        round(y2 * height, 2),
+                    ],
+                }
+            )
+        return out
+
 
 def provider_list(names: Sequence[str]) -> list[str]:
     """``["cuda", "cpu"]`` -> ONNX Runtime provider names, in order, keeping those available."""

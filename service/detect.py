@@ -101,31 +101,7 @@ def _class_filter(classes: str | None, info: ModelInfo) -> set[int] | None:
 
 def _result(upload: Upload, image: Decoded, found: Detections, threshold: float, limit: int,
             keep: set[int] | None) -> dict[str, Any]:  # fmt: skip
-    info = found.model
-    sx, sy = image.width, image.height
-    detections = []
-    for box, score, label in zip(
-        found.boxes.tolist(), found.scores.tolist(), found.labels.tolist(), strict=True
-    ):
-        if score < threshold:
-            break  # scores are descending
-        if keep is not None and label not in keep:
-            continue
-        detections.append(
-            {
-                "label": info.classes[label],
-                "class_id": label,
-                "score": round(score, 5),
-                "box": [
-                    round(box[0] * sx, 2),
-                    round(box[1] * sy, 2),
-                    round(box[2] * sx, 2),
-                    round(box[3] * sy, 2),
-                ],
-            }
-        )
-        if len(detections) == limit:
-            break
+    detections = found.to_json(image.width, image.height, threshold, limit, keep)
     return {
         "filename": upload.filename,
         "width": image.width,

@@ -41,17 +41,7 @@ def detect_files(detector: Detector, paths: list[Path], score_threshold: float) 
             results.append({"filename": str(path), "error": str(exc)})
             continue
         found = detector.detect(image.pixels[None])[0]
-        scale = (image.width, image.height, image.width, image.height)
-        detections = [
-            {
-                "label": info.classes[int(label)],
-                "class_id": int(label),
-                "score": round(float(score), 4),
-                "box": [round(float(v) * s, 1) for v, s in zip(box, scale, strict=True)],
-            }
-            for box, score, label in zip(found.boxes, found.scores, found.labels, strict=True)
-            if score >= score_threshold
-        ]
+        detections = found.to_json(image.width, image.height, score_threshold)
         results.append(
             {"filename": str(path), "width": image.width, "height": image.height, "detections": detections}
         )

@@ -95,15 +95,13 @@ class ModelRuntime:
             stamp = _stamp(path)
             try:
                 detector = await asyncio.get_running_loop().run_in_executor(None, self._load, path)
-            except (ArtifactError, GPURequired):
+            except Exception as exc:
                 if not initial:
                     self.metrics.reloads.labels("failure").inc()
                 self._stamp = stamp  # do not retry the same broken file on every poll
-                raise
-            except Exception as exc:  # ORT failing in warm-up, out of memory, ...
-                if not initial:
-                    self.metrics.reloads.labels("failure").inc()
-                self._stamp = stamp
+                if isinstance(exc, ArtifactError | GPURequired):
+                    raise
+                # ORT failing in warm-up, out of memory, ...
                 raise ArtifactError(f"{path} failed to load or warm up: {exc}") from exc
             self._swap(detector)
             self._stamp = stamp

@@ -42,17 +42,13 @@ def torchvision_ssd():
 def served_artifact(tmp_path_factory):
     """A small verified artifact (SSDlite320, 6 synthetic classes, random weights with batch-norm
     statistics from synthetic scenes, so that it detects plenty): for the service tests."""
-    from helpers import calibrate_batch_norm
+    from helpers import calibrated
 
-    from export.exporter import export_artifact, sample_images
+    from export.exporter import export_artifact
     from export.sources import Source
     from model.data.synth import CLASSES
-    from model.registry import build_model
 
-    torch.manual_seed(0)
-    model = build_model("ssdlite320_mobilenet_v3_large", len(CLASSES) + 1)
-    images = torch.from_numpy(sample_images((320, 320), 6, seed=100)).permute(0, 3, 1, 2).float() / 255.0
-    calibrate_batch_norm(model, images)
+    model = calibrated("ssdlite320_mobilenet_v3_large", len(CLASSES) + 1)
     path = tmp_path_factory.mktemp("artifact") / "model.onnx"
     export_artifact(Source(model, list(CLASSES), "test"), path)
     return path

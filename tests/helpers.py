@@ -21,3 +21,14 @@ def calibrate_batch_norm(model: nn.Module, images: torch.Tensor) -> nn.Module:
     model.train()
     model(images)
     return model.eval()
+
+
+def calibrated(name: str, num_classes: int, seed: int = 0) -> nn.Module:
+    """A random ``name`` whose scores vary: batch-norm statistics from six synthetic scenes."""
+    from export.exporter import sample_images
+    from model.registry import build_model
+
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes)
+    images = torch.from_numpy(sample_images(model.input_size, 6, seed=seed + 100))
+    return calibrate_batch_norm(model, images.permute(0, 3, 1, 2).float() / 255.0)

@@ -7,11 +7,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import helpers
 import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import calibrate_batch_norm
 
 import cli
 from export import verify
@@ -19,7 +19,6 @@ from export.cli import DEFAULTS
 from export.exporter import ExportOptions, build_onnx, eager_reference, export_artifact, sample_images
 from export.sources import Source
 from model.postprocess import PostprocessConfig, decode_outputs
-from model.registry import build_model
 from service.artifact import ArtifactError, Detector
 
 CLASSES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
@@ -27,11 +26,7 @@ LITE = "ssdlite320_mobilenet_v3_large"
 
 
 def calibrated(name: str, num_classes: int = len(CLASSES) + 1, seed: int = 0):
-    """A random network whose scores vary: batch-norm statistics from synthetic scenes."""
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes)
-    images = torch.from_numpy(sample_images(model.input_size, 6, seed=seed + 100))
-    return calibrate_batch_norm(model, images.permute(0, 3, 1, 2).float() / 255.0)
+    return helpers.calibrated(name, num_classes, seed)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
