@@ -11,13 +11,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-NOT_BUILT = 2  # exit code of a subcommand that a later issue builds
-
-
-def _not_built(name: str) -> int:
-    print(f"ssd {name}: not built yet", file=sys.stderr)
-    return NOT_BUILT
-
 
 def _models(args: argparse.Namespace) -> int:
     from model import MODELS, build_model
@@ -114,6 +107,12 @@ def _serve(args: argparse.Namespace) -> int:
     return server.run(args)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from bench import cli
+
+    return cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="SSD object detection: train, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -165,12 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     _configure_lazily(serve, "service.server")
     serve.set_defaults(run=_serve)
 
-    # Built by later issues; each parser keeps its contract name so that `ssd --help` lists it.
-    for name, text in [
-        ("bench", "benchmarks"),
-    ]:
-        p = sub.add_parser(name, help=f"{text} (not built yet)", add_help=False)
-        p.set_defaults(run=lambda args, name=name: _not_built(name), accepts_any=True)
+    bench = sub.add_parser("bench", help="benchmarks: serving, overload, soak, training, export")
+    _configure_lazily(bench, "bench.cli")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -10,7 +10,7 @@ The weights: random, with batch-norm statistics from synthetic scenes (so the sc
 91 classes: every softmax score sits near 1/91 > 0.01, so every default box of every class is an
 NMS candidate, the worst case for the post-processing. ``--checkpoint`` adds a trained model.
 
-    uv run python bench/export_bench.py [--models ssdlite320_mobilenet_v3_large ssd300_vgg16]
+    ssd bench export [--models ssdlite320_mobilenet_v3_large ssd300_vgg16]
         [--checkpoint runs/demo/best.pt] [--json out.json]
 """
 
@@ -27,15 +27,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from machine import emit, machine_info, sample_times
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import calibrate_batch_norm
-
+from bench.machine import emit, machine_info, sample_times
 from export.exporter import ExportOptions, build_onnx, sample_images
 from export.graph import DetectionGraph, module_path
 from export.sources import from_checkpoint
 from model.registry import build_model
+from model.train import recompute_batch_norm
+
+PROG = "ssd bench export"
 
 
 def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSession:
@@ -43,6 +43,8 @@ def session(path: Path, threads: int, profile: bool = False) -> ort.InferenceSes
     options.intra_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_profiling = profile
+    # The trace goes beside the artifact (a temporary folder), not into the working directory.
+    options.profile_file_prefix = str(path.with_suffix("")) + "_profile"
     options.log_severity_level = 3
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -127,15 +129,15 @@ def bench_model(label: str, model, threads: int, repeats: int) -> dict:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=["ssdlite320_mobilenet_v3_large", "ssd300_vgg16"])
     parser.add_argument("--classes", type=int, default=90, help="random models: classes without background")
     parser.add_argument("--checkpoint", help="a trained checkpoint to measure as well")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = []
     for name in args.models:
@@ -144,7 +146,8 @@ def main() -> None:
         calibration = (
             torch.from_numpy(sample_images(model.input_size, 4, seed=99)).permute(0, 3, 1, 2) / 255.0
         )
-        calibrate_batch_norm(model, calibration.float())
+        recompute_batch_norm(model, [calibration.float()])
+        model.eval()
         results.append(bench_model(f"{name} (random weights, worst case)", model, args.threads, args.repeats))
     if args.checkpoint:
         source = from_checkpoint(args.checkpoint)
@@ -160,7 +163,4 @@ def main() -> None:
         },
         args.json,
     )
-
-
-if __name__ == "__main__":
-    main()
+    return 0

@@ -5,7 +5,7 @@ image, box_iou + SSDMatcher, then SSD.compute_loss. Ours: MultiBoxLoss (batched 
 top-k hard negative mining). Same batch for both: SSD300 (8732 default boxes, 21 classes),
 32 images with 1 to 20 objects each.
 
-    uv run python bench/loss_bench.py [--batch 32] [--repeats 30] [--json OUT]
+    ssd bench loss [--batch 32] [--repeats 30] [--json OUT]
 """
 
 from __future__ import annotations
@@ -14,23 +14,25 @@ import argparse
 import statistics
 
 import torch
-from machine import emit, machine_info, sample_times
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou
 
+from bench.machine import emit, machine_info, sample_times
 from model import MultiBoxLoss, build_model, match, pad_targets
 
+PROG = "ssd bench loss"
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-objects", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
 
@@ -123,7 +125,4 @@ def main() -> None:
         "objects_without_a_default_box": {"torchvision": tv_lost, "ours": ours_lost},
     }
     emit(report, args.json)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

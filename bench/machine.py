@@ -10,8 +10,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import torch
-
 
 def cpu_name() -> str:
     try:
@@ -24,18 +22,28 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
-    info = {
+def machine_info(device: str | object = "cpu") -> dict[str, Any]:
+    """The machine and software a figure was measured on (torch's part only where torch is installed)."""
+    info: dict[str, Any] = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": str(torch.__version__),
         "python": platform.python_version(),
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "device": str(device),
     }
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    try:
+        import torch
+    except ImportError:
+        return info
+    info |= {"torch": str(torch.__version__), "torch_threads": torch.get_num_threads()}
+    if torch.device(str(device)).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(str(device)))
     return info
 
 

@@ -5,7 +5,7 @@ into ours), same batch of images and boxes, same SGD optimizer, same machine and
 step is forward, loss, backward and optimizer step; data loading is left out (it is the same for
 both). Both run with the same malloc settings (model/malloc.py), applied first.
 
-    uv run python bench/train_bench.py [--model ssdlite320_mobilenet_v3_large] [--batch 32] [--steps 8]
+    ssd bench train [--model ssdlite320_mobilenet_v3_large] [--batch 32] [--steps 8]
 """
 
 from __future__ import annotations
@@ -15,15 +15,17 @@ import statistics
 import time
 
 import torch
-from machine import emit, machine_info
 from torchvision.models import detection
 
+from bench.machine import emit, machine_info
 from model import MultiBoxLoss, build_model, pad_targets
 from model.malloc import keep_freed_memory
 
+PROG = "ssd bench train"
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument(
         "--model",
         default="ssdlite320_mobilenet_v3_large",
@@ -36,7 +38,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-channels-last", action="store_true", help="run ours in NCHW like torchvision")
     parser.add_argument("--json", help="also write the results here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     tuned = keep_freed_memory()
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -107,7 +109,4 @@ def main() -> None:
         "speedup": rates["ours"] / rates["torchvision"],
     }
     emit(report, args.json)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

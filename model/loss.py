@@ -5,7 +5,7 @@ hardest negatives, ``neg_pos_ratio`` of them per positive in each image, both di
 number of positives N (at least 1, so a batch without objects gives a finite loss).
 
 Equal to torchvision's ``SSD.compute_loss`` (tested), but several times faster
-(bench/loss_bench.py): one matching for the whole batch (see matching.py) instead of a Python
+(`ssd bench loss`): one matching for the whole batch (see matching.py) instead of a Python
 loop over images; the negatives picked with one top-k of size 3 x positives instead of two full
 sorts of all default boxes; and the differentiable cross-entropy computed on the chosen rows
 only (positives and mined negatives, a few percent of all), so that the backward pass does not

@@ -10,7 +10,7 @@ the same through a scatter). We resolve such conflicts: the ground truth with th
 keeps the default box and the other takes its best free one, repeated until no conflict is
 left. Conflicts are rare, so the loop seldom runs a second round; it never loops over images.
 
-Speed (bench/loss_bench.py): with a :class:`PriorGrid`, IoU is computed map by map and only
+Speed (`ssd bench loss`): with a :class:`PriorGrid`, IoU is computed map by map and only
 where it can matter. IoU(g, p) <= min(area) / max(area), so a feature map whose boxes are all
 more than 1/threshold times larger or smaller than a ground truth cannot make it a positive
 there: big objects skip the 38x38 map, two thirds of SSD300's boxes. The result is exact: a

@@ -104,6 +104,8 @@ class TrainConfig:
     precise_bn: int = 0  # batches to recompute batch-norm statistics on before each validation (0: off)
     # Stop after this many epochs of this run; the schedule stays that of ``epochs``.
     stop_after: int | None = None
+    # Fine-tune: start from this checkpoint's weights with a fresh optimizer and schedule.
+    init_from: str | None = None
 
 
 class TrainingDiverged(RuntimeError):
@@ -260,7 +262,21 @@ def train(config: TrainConfig) -> Path:
         else model
     )
 
-    # ---- resume ------------------------------------------------------------------------------
+    # ---- fine-tune or resume -------------------------------------------------------------------
+    if config.init_from and not config.resume:
+        state = read_checkpoint(Path(config.init_from))
+        if (state["model_name"], state["classes"], state.get("scale_set")) != (
+            config.model,
+            classes,
+            config.scale_set,
+        ):
+            raise SystemExit(
+                f"{config.init_from} is a {state['model_name']} (scale set {state.get('scale_set')}) "
+                f"on classes {state['classes']}; "
+                f"--init-from needs a {config.model} (scale set {config.scale_set}) on {classes}"
+            )
+        model.load_state_dict(state["model"])
+        log.info("starting from the weights of %s (epoch %d)", config.init_from, state["epoch"])
     start_epoch, best_map, history = 0, -1.0, []
     if config.resume:
         state = read_checkpoint(run / "last.pt")
@@ -419,6 +435,10 @@ def train(config: TrainConfig) -> Path:
                 metrics["map"],
                 metrics["map50"],
             )
+        # Wall time including validation, summed over resumed runs: the x axis of a convergence curve.
+        record["wall_time_s"] = (history[-1].get("wall_time_s", 0.0) if history else 0.0) + (
+            time.perf_counter() - started
+        )
         history.append(record)
         improved = metrics is None or metrics["map"] > best_map
         if metrics is not None and improved:
@@ -471,6 +491,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="stop after N epochs of this run (resume later); the schedule stays --epochs'",
+    )
+    parser.add_argument(
+        "--init-from",
+        default=None,
+        metavar="CKPT",
+        help="fine-tune: start from this checkpoint's weights, with a fresh optimizer and schedule",
     )
     parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")

@@ -21,14 +21,6 @@ def test_models_lists_the_family(capsys):
     assert set(rows) >= {"ssd300_vgg16", "ssd512_vgg16", "ssdlite320_mobilenet_v3_large", "ssd300_resnet50"}
 
 
-@pytest.mark.parametrize("command", ["bench"])
-def test_later_subcommands_answer_not_built_yet(command, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--some-option", "x"])
-    assert exit_info.value.code == 2
-    assert "not built yet" in capsys.readouterr().err
-
-
 def test_unknown_options_are_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["models", "--bogus"])

@@ -1,0 +1,173 @@
+"""What the serving benchmarks send and how one load point is measured.
+
+The photos: the COCO val2017 images in ../shared/data/coco-mini (real JPEGs of varied sizes and
+content), sent in turn. One measured point: a short untimed warm-up at the same pace, then the load,
+with our /metrics read before and after (batch sizes) and the server's resident memory after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench import loadgen
+from bench.plots import plot_timeline
+from bench.server import Server, add_server_options, batch_sizes
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
+FALLBACK = ROOT / "docs" / "images" / "demo_scene.jpg"
+
+
+def photos(folder: Path | None = None, limit: int | None = None) -> tuple[list[bytes], str]:
+    """The JPEG files of ``folder`` (default: coco-mini) as bytes, and where they came from."""
+    folder = folder or COCO_MINI
+    files = sorted(folder.glob("*.jpg"))[:limit] if folder.is_dir() else []
+    if files:
+        return [f.read_bytes() for f in files], f"{len(files)} photos from {folder}"
+    if folder != COCO_MINI:
+        raise SystemExit(f"no .jpg files in {folder}")
+    return [FALLBACK.read_bytes()], f"{FALLBACK} ({COCO_MINI} is absent)"
+
+
+@dataclass(frozen=True)
+class Pace:
+    """Closed loop at ``clients`` or open loop at ``rate`` requests/s."""
+
+    clients: int | None = None
+    rate: float | None = None
+
+    def describe(self) -> dict[str, float]:
+        return (
+            {"concurrency": self.clients} if self.clients is not None else {"rate": round(self.rate or 0, 1)}
+        )
+
+
+def measure(
+    server: Server, images: list[bytes], pace: Pace, seconds: float, warmup: float = 3.0
+) -> tuple[dict[str, object], loadgen.Result]:
+    """One load point against ``server``: summary (throughput, latency, errors, batches, memory)."""
+    requests = tuple(server.peer.request(image, server.port) for image in images)
+
+    def load(duration: float) -> loadgen.Load:
+        return loadgen.Load(
+            port=server.port,
+            host=server.host,
+            requests=requests,
+            seconds=duration,
+            clients=pace.clients,
+            rate=pace.rate,
+        )
+
+    if warmup > 0:
+        loadgen.run(load(warmup))
+    before = server.metrics()
+    result = loadgen.run(load(seconds))
+    summary = pace.describe() | loadgen.summarize(result) | batch_sizes(before, server.metrics())
+    rss = server.rss_bytes()
+    if rss is not None:
+        summary["rss_mb"] = round(rss / 2**20, 1)
+    return summary, result
+
+
+def capacity(server: Server, images: list[bytes], seconds: float, clients: int) -> float:
+    """Images/s at saturation: closed loop with enough clients to keep every batch full."""
+    summary, _ = measure(server, images, Pace(clients=clients), seconds)
+    return float(summary["images_per_s"])  # type: ignore[arg-type]
+
+
+class MemorySampler:
+    """Samples the server's resident memory every ``every`` seconds while the block runs."""
+
+    def __init__(self, server: Server, every: float = 1.0) -> None:
+        import threading
+
+        self.server, self.every = server, every
+        self.samples: list[tuple[float, int]] = []  # (seconds from the start, bytes)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import time
+
+        origin = time.monotonic()
+        while not self._stop.is_set():
+            rss = self.server.rss_bytes()
+            if rss is not None:
+                self.samples.append((time.monotonic() - origin, rss))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def growth(self, settle: float) -> dict[str, float]:
+        """Resident memory after ``settle`` seconds, at the end, its peak, and the growth in between."""
+        settled = [b for t, b in self.samples if t >= settle] or [b for _, b in self.samples]
+        if not settled:
+            return {}
+        first, last, peak = settled[0], settled[-1], max(settled)
+        return {
+            "rss_start_mb": round(first / 2**20, 1),
+            "rss_end_mb": round(last / 2**20, 1),
+            "rss_peak_mb": round(peak / 2**20, 1),
+            "rss_growth": round((last - first) / first, 4),
+            "rss_peak_growth": round((peak - first) / first, 4),
+        }
+
+
+def timeline(result: loadgen.Result, bucket: float, memory: MemorySampler | None = None) -> dict[str, list]:
+    """Per-``bucket``-seconds series of a run: answered, rejected and failed rates, latency, memory."""
+    import numpy as np
+
+    edges = np.arange(0.0, result.elapsed + bucket, bucket)
+    series: dict[str, list] = {
+        k: [] for k in ("t", "ok_per_s", "rejected_per_s", "failed_per_s", "p50_ms", "p99_ms")
+    }
+    for lo, hi in itertools.pairwise(edges):
+        inside = (result.started >= lo) & (result.started < hi)
+        status, latency = result.status[inside], result.latency[inside]
+        ok = latency[status == 200]
+        series["t"].append(float(hi))
+        series["ok_per_s"].append(float(ok.size / bucket))
+        series["rejected_per_s"].append(float((status == 503).sum() / bucket))
+        series["failed_per_s"].append(float(((status != 200) & (status != 503)).sum() / bucket))
+        series["p50_ms"].append(float(np.quantile(ok, 0.5) * 1000) if ok.size else float("nan"))
+        series["p99_ms"].append(float(np.quantile(ok, 0.99) * 1000) if ok.size else float("nan"))
+    if memory is not None:
+        series["rss_t"] = [t for t, _ in memory.samples]
+        series["rss_mb"] = [b / 2**20 for _, b in memory.samples]
+    return series
+
+
+def add_load_options(parser: argparse.ArgumentParser) -> None:
+    """The options overload and soak share: what to load, how capacity is known, where reports go."""
+    parser.add_argument("--model", default="models/demo.onnx")
+    parser.add_argument("--url", default=None, help="a running service instead of starting one")
+    parser.add_argument("--images", default=None, help="folder of JPEG photos (default: coco-mini)")
+    parser.add_argument("--capacity", type=float, default=None, help="images/s; default: measured first")
+    parser.add_argument(
+        "--measure-seconds",
+        type=float,
+        default=20.0,
+        help="length of the capacity (and unloaded) measurement",
+    )
+    add_server_options(parser)
+    parser.add_argument("--out", default="runs/bench")
+
+
+def write_report(out: Path, name: str, report: dict, title: str) -> None:
+    """``OUT/NAME.json``, ``OUT/NAME.png`` (the run over time) and a one-line summary on stdout."""
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    image = plot_timeline(report["timeline"], f"{title}, {report['machine']['cpu']}", out / f"{name}.png")
+    print(json.dumps({k: v for k, v in report.items() if k not in ("timeline", "machine")}))
+    written = f"{out / name}.json" + (f" and {image}" if image else "")
+    print(f"ssd bench {name}: wrote {written}", file=sys.stderr)
