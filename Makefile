@@ -11,14 +11,16 @@ DEMO_MODEL ?= models/demo.onnx
 DEMO_EPOCHS ?= 24
 
 
-.PHONY: uv install install-serving serve test test-fast lint format bench clean demo-model
+.PHONY: uv install install-serving serve test test-fast lint format bench bench-peers clean demo-model
 
 # uv itself, where it is missing.
 uv:
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 
+# The development install: every default group plus the benchmark's peers (BentoML), which the
+# serving install never gets.
 install: uv
-	$(UV) sync --frozen
+	$(UV) sync --frozen --group peers
 
 # What serving needs and no more (no torch): a fresh machine serves in a minute. --inexact keeps
 # whatever else is already installed (a developer's training environment).
@@ -56,9 +58,21 @@ format: install
 	$(UV) run --frozen ruff format .
 	$(UV) run --frozen ruff check --fix .
 
-bench: install
-	$(UV) run --frozen python bench/loss_bench.py
-	$(UV) run --frozen python bench/train_bench.py
+# Every benchmark of docs/benchmarks.md, quiet machine please (about 40 minutes here); reports
+# and plots go to runs/bench. The training convergence run (30+ min) is separate:
+# `uv run ssd bench train --convergence`.
+bench: install bench-peers
+	$(UV) run --frozen ssd bench loss --json runs/bench/loss.json
+	$(UV) run --frozen ssd bench train --json runs/bench/train.json
+	$(UV) run --frozen ssd bench export $(if $(wildcard runs/demo/best.pt),--checkpoint runs/demo/best.pt) --json runs/bench/export.json
+	$(UV) run --frozen ssd bench serve
+	$(UV) run --frozen ssd bench overload
+	$(UV) run --frozen ssd bench soak
+
+# PyTriton's own environment (.venv/pytriton): no PyTriton release installs beside the project's
+# numpy 2 and protobuf 7 (see bench/peers/pytriton_server.py).
+bench-peers: install
+	test -x .venv/pytriton/bin/python || $(UV) run --frozen python -m bench.peers.pytriton_server --make-env
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

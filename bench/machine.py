@@ -63,5 +63,6 @@ def emit(report: dict[str, Any], path: str | None) -> None:
     """Print a benchmark's report, and write it to ``path`` as well when one is given."""
     print(json.dumps(report, indent=2))
     if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "w") as f:
             json.dump(report, f, indent=2)

@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
+            max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         )
         decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
         app.state.service = State(settings, metrics, runtime, batcher, decode_pool, time.time())

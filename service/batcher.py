@@ -7,8 +7,13 @@ waits at most the delay. A request's images are separate items: they may span ba
 has its own future, so results come back in the request's order whatever the batching.
 
 Before a batch runs, items whose client went away (future cancelled) or whose deadline passed
-(``DeadlineExceeded``) are dropped. The queue is bounded in images: ``submit`` raises
-``QueueFull`` at once rather than letting latency grow without limit.
+(``DeadlineExceeded``) are dropped.
+
+Admission happens at the door, before decoding (``reserve``), so that an overloaded service does
+not spend the CPU its queue needs on images it will refuse. ``QueueFull`` is raised at once when the
+images queued or being decoded would pass ``max_queue_size``, or, with ``max_queue_wait``, when
+they would wait longer than that at the measured inference rate: a bound in time holds on any
+hardware, where a bound in images means 0.1 s on a GPU and a second on a small CPU.
 """
 
 from __future__ import annotations
@@ -57,13 +62,17 @@ class Batcher:
         max_batch_size: int = 8,
         max_queue_delay_s: float = 0.005,
         max_queue_size: int = 64,
+        max_queue_wait_s: float = 0.0,
     ) -> None:
         self._detector = detector  # read at each batch: a reload swaps it between batches
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_s
         self.max_queue_size = max_queue_size
+        self.max_queue_wait = max_queue_wait_s  # 0: bounded in images only
         self._queue: deque[_Item] = deque()
+        self._reserved = 0  # images admitted by reserve() and not yet submitted (being decoded)
+        self._rate: float | None = None  # images/s of inference, a moving average over batches
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -74,15 +83,48 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._queue)
 
+    @property
+    def rate(self) -> float | None:
+        """Images per second of inference, a moving average over the recent batches."""
+        return self._rate
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
-    def submit(self, images: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Detections]]:
-        """Queue one request's images; their futures, in order. Raises QueueFull or ShuttingDown."""
+    def reserve(self, count: int) -> None:
+        """Admit ``count`` images before they are decoded, or raise QueueFull or ShuttingDown.
+
+        The caller then ``submit``s them with ``reserved=True``, or ``release``s them."""
         if self._stopping:
             raise ShuttingDown("the service is shutting down")
-        if len(self._queue) + len(images) > self.max_queue_size:
-            raise QueueFull(f"{len(self._queue)} images queued, limit {self.max_queue_size}")
+        ahead = len(self._queue) + self._reserved
+        if ahead + count > self.max_queue_size:
+            raise QueueFull(f"{ahead} images queued or decoding, limit {self.max_queue_size}")
+        if self.max_queue_wait and self._rate:
+            wait = (ahead + count) / self._rate
+            if wait > self.max_queue_wait:
+                raise QueueFull(
+                    f"{ahead} images ahead: about {wait * 1000:.0f} ms of waiting at "
+                    f"{self._rate:.0f} images/s, limit {self.max_queue_wait * 1000:.0f} ms"
+                )
+        self._reserved += count
+
+    def release(self, count: int) -> None:
+        """Give back a reservation whose images will not be submitted (they failed to decode)."""
+        self._reserved -= count
+
+    def submit(
+        self, images: Sequence[np.ndarray], deadline: float, reserved: bool = False
+    ) -> list[asyncio.Future[Detections]]:
+        """Queue one request's images; their futures, in order. Without a reservation, admits them
+        first (raises QueueFull or ShuttingDown)."""
+        if reserved:
+            self._reserved -= len(images)
+            if self._stopping:
+                raise ShuttingDown("the service is shutting down")
+        else:
+            self.reserve(len(images))
+            self._reserved -= len(images)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         futures = []
@@ -166,7 +208,10 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            self.metrics.inference.observe(time.perf_counter() - started)
+            elapsed = time.perf_counter() - started
+            self.metrics.inference.observe(elapsed)
+            rate = len(batch) / elapsed
+            self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batches.inc()
             self.metrics.images.inc(len(batch))

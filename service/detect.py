@@ -147,18 +147,23 @@ async def detect(
         finally:
             state.metrics.preprocess.observe(time.perf_counter() - started)
 
-    decoding = [loop.run_in_executor(state.decode_pool, timed_decode, u.data) for u in uploads]
-    decoded = await asyncio.gather(*decoding, return_exceptions=True)
-    for upload, outcome in zip(uploads, decoded, strict=True):
-        if isinstance(outcome, ImageError):
-            name = f"{upload.filename}: " if upload.filename else ""
-            raise APIError(outcome.status, name + str(outcome), outcome.code)
-        if isinstance(outcome, BaseException):
-            raise outcome
-    images: list[Decoded] = decoded  # type: ignore[assignment]
-
     try:
-        futures = state.batcher.submit([d.pixels for d in images], deadline)
+        # At the door, before decoding: an image that cannot be queued is refused for free.
+        state.batcher.reserve(len(uploads))
+        try:
+            decoding = [loop.run_in_executor(state.decode_pool, timed_decode, u.data) for u in uploads]
+            decoded = await asyncio.gather(*decoding, return_exceptions=True)
+            for upload, outcome in zip(uploads, decoded, strict=True):
+                if isinstance(outcome, ImageError):
+                    name = f"{upload.filename}: " if upload.filename else ""
+                    raise APIError(outcome.status, name + str(outcome), outcome.code)
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        except BaseException:
+            state.batcher.release(len(uploads))
+            raise
+        images: list[Decoded] = decoded  # type: ignore[assignment]
+        futures = state.batcher.submit([d.pixels for d in images], deadline, reserved=True)
     except QueueFull as exc:
         state.metrics.rejected.labels("queue_full").inc()
         raise APIError(

@@ -139,3 +139,31 @@ def test_the_queue_is_bounded_and_stop_drains_it():
             batcher.submit([image(0)], far())
 
     asyncio.run(go())
+
+
+def test_admission_counts_images_still_decoding_and_bounds_the_wait_in_time():
+    async def go():
+        fake = FakeDetector(seconds=0.1)  # 2 images per 0.1 s: 20 images/s
+        batcher = Batcher(
+            lambda: fake,
+            Metrics(),
+            max_batch_size=2,
+            max_queue_delay_s=0.001,
+            max_queue_size=100,
+        )
+        batcher.start()
+        await asyncio.gather(*batcher.submit([image(1), image(2)], far()))  # measures the rate
+        assert 10 < batcher.rate <= 20
+        batcher.max_queue_wait = 5.5 / batcher.rate  # room for five and a half images
+        batcher.reserve(3)  # three images being decoded
+        with pytest.raises(QueueFull, match=r"3 images ahead: about \d+ ms of waiting at \d+ images/s"):
+            batcher.reserve(3)
+        batcher.reserve(2)  # 5 images: still within the limit
+        batcher.release(2)  # their decoding failed
+        futures = batcher.submit([image(v) for v in (3, 4, 5)], far(), reserved=True)
+        assert [round(float(r.scores[0]) * 255) for r in await asyncio.gather(*futures)] == [3, 4, 5]
+        batcher.reserve(4)  # the queue drained: room again
+        batcher.release(4)
+        await batcher.stop(5)
+
+    asyncio.run(go())

@@ -66,6 +66,27 @@ def test_outputs_and_exact_resume(tiny_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_fine_tuning_starts_from_a_checkpoint_with_a_fresh_schedule(tiny_data, tmp_path):
+    base = training.train(_config(tiny_data, tmp_path / "base", epochs=1))
+    # lr 0: the weights stay the checkpoint's, so any difference would come from the loading.
+    tuned = training.train(
+        _config(tiny_data, tmp_path / "tuned", epochs=1, lr=0.0, init_from=str(base / "last.pt"))
+    )
+    start, end = read_checkpoint(base / "last.pt"), read_checkpoint(tuned / "last.pt")
+    model = training.build_model("ssdlite320_mobilenet_v3_large", len(start["classes"]) + 1)
+    for name, _ in model.named_parameters():
+        assert torch.equal(start["model"][name], end["model"][name]), name
+    assert end["epoch"] == 1 and end["scheduler"]["last_epoch"] == start["scheduler"]["last_epoch"]
+    record = json.loads((tuned / "metrics.jsonl").read_text())
+    assert record["epoch"] == 1 and record["wall_time_s"] >= record["epoch_time_s"] > 0
+
+    with pytest.raises(SystemExit, match="--init-from needs a ssd300_vgg16"):
+        training.train(
+            _config(tiny_data, tmp_path / "other", model="ssd300_vgg16", init_from=str(base / "last.pt"))
+        )
+
+
+@pytest.mark.slow
 def test_divergence_stops_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
     run = training.train(_config(tiny_data, tmp_path / "run", epochs=2, stop_after=1))
     before = (run / "last.pt").read_bytes()
