@@ -104,10 +104,27 @@ def test_served_without_torch_and_drained_on_sigterm(served_artifact, tmp_path):
                 started.set()
                 return c.post("/detect", content=body, headers={"Content-Type": "image/jpeg"}).status_code
 
+        def received() -> float:
+            """/detect requests the server has taken so far (done or in flight), the first one included."""
+            text = httpx.get(server.url + "/metrics", timeout=10).text
+            done = sum(
+                float(line.rsplit(" ", 1)[1])
+                for line in text.splitlines()
+                if line.startswith("detector_requests_total{") and 'route="/detect"' in line
+            )
+            in_flight = [
+                line for line in text.splitlines() if line.startswith("detector_requests_in_flight ")
+            ]
+            return done + float(in_flight[0].rsplit(" ", 1)[1]) - 1  # minus this /metrics request
+
         with ThreadPoolExecutor(24) as pool:
             futures = [pool.submit(post, i) for i in range(24)]
             started.wait(10)
-            time.sleep(0.3)
+            # SIGTERM closes the listening socket: send it once all 24 are in (a busy machine
+            # may take a while to open 24 connections), not after a fixed pause.
+            deadline = time.monotonic() + 30
+            while received() < 25 and time.monotonic() < deadline:
+                time.sleep(0.05)
             server.process.send_signal(signal.SIGTERM)
             codes = [f.result() for f in futures]
         assert codes == [200] * 24
