@@ -24,13 +24,13 @@ from bench.workload import (
     MemorySampler,
     Pace,
     add_load_options,
+    admission_env,
     capacity,
     measure,
     photos,
     timeline,
     write_report,
 )
-from service.settings import Settings
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,11 +39,7 @@ def main(args: argparse.Namespace) -> int:
     artifact = Path(args.model).resolve() if not args.url else None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    # The service's own admission settings (the serving sweep raises the queue bound for its peers).
-    default_queue = Settings.model_fields["max_queue_size"].default
-    env = {"SSD_MAX_QUEUE_SIZE": str(args.max_queue or default_queue)}
-    if args.max_queue_wait_ms is not None:
-        env["SSD_MAX_QUEUE_WAIT_MS"] = str(args.max_queue_wait_ms)
+    env = admission_env(args)
     with Server(
         PEERS["ours"], artifact, settings, url=args.url, log=out / "overload-server.log", env=env
     ) as server:
@@ -82,9 +78,3 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_load_options(parser)
     parser.add_argument("--factor", type=float, default=2.0, help="offered load as a multiple of capacity")
     parser.add_argument("--seconds", type=float, default=60.0)
-    parser.add_argument(
-        "--max-queue-wait-ms", type=float, default=None, help="SSD_MAX_QUEUE_WAIT_MS (default: the service's)"
-    )
-    parser.add_argument(
-        "--max-queue", type=int, default=None, help="SSD_MAX_QUEUE_SIZE (default: the service's)"
-    )

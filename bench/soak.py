@@ -21,6 +21,7 @@ from bench.workload import (
     MemorySampler,
     Pace,
     add_load_options,
+    admission_env,
     capacity,
     measure,
     photos,
@@ -38,7 +39,9 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60
-    with Server(PEERS["ours"], artifact, settings, url=args.url, log=out / "soak-server.log") as server:
+    with Server(
+        PEERS["ours"], artifact, settings, url=args.url, log=out / "soak-server.log", env=admission_env(args)
+    ) as server:
         peak = args.capacity or capacity(server, images, args.measure_seconds, clients=4 * settings.max_batch)
         with MemorySampler(server, every=5.0) as memory:
             summary, result = measure(server, images, Pace(rate=args.fraction * peak), seconds, warmup=0)
@@ -49,7 +52,7 @@ def main(args: argparse.Namespace) -> int:
         "command": "ssd bench " + " ".join(sys.argv[2:]),
         "artifact": str(artifact or args.url),
         "photos": source,
-        "settings": vars(settings),
+        "settings": vars(settings) | {"server_env": admission_env(args)},
         "capacity_images_per_s": peak,
         "offered_per_s": round(args.fraction * peak, 1),
         "minutes": args.minutes,

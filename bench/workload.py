@@ -160,8 +160,25 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
         default=20.0,
         help="length of the capacity (and unloaded) measurement",
     )
+    parser.add_argument(
+        "--max-queue-wait-ms", type=float, default=None, help="SSD_MAX_QUEUE_WAIT_MS (default: the service's)"
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=None, help="SSD_MAX_QUEUE_SIZE (default: the service's)"
+    )
     add_server_options(parser)
     parser.add_argument("--out", default="runs/bench")
+
+
+def admission_env(args: argparse.Namespace) -> dict[str, str]:
+    """The service's admission settings: its defaults unless told otherwise (the serving sweep
+    raises the queue bound so that the load, not the bound, decides; overload and soak must not)."""
+    from service.settings import Settings
+
+    env = {"SSD_MAX_QUEUE_SIZE": str(args.max_queue or Settings.model_fields["max_queue_size"].default)}
+    if args.max_queue_wait_ms is not None:
+        env["SSD_MAX_QUEUE_WAIT_MS"] = str(args.max_queue_wait_ms)
+    return env
 
 
 def write_report(out: Path, name: str, report: dict, title: str) -> None:
