@@ -81,6 +81,7 @@ async def _exchange(
 ) -> tuple[int, Connection | None]:
     """One request and its answer on ``connection`` (opened when None): the status and the
     connection to reuse, or CONNECTION_FAILED and None when it broke."""
+    reused = connection is not None
     try:
         if connection is None:
             connection = await asyncio.open_connection(load.host, load.port)
@@ -88,7 +89,15 @@ async def _exchange(
         writer.write(request)
         await writer.drain()
         return await _response(reader), connection
-    except (OSError, asyncio.IncompleteReadError, ValueError):
+    except asyncio.IncompleteReadError as exc:
+        connection[1].close()
+        if reused and not exc.partial:
+            # The server closed an idle keep-alive connection (uvicorn: after 5 s) before this
+            # request reached it: nothing was processed, so send it again on a new connection,
+            # as HTTP clients do.
+            return await _exchange(load, None, request)
+        return CONNECTION_FAILED, None
+    except (OSError, ValueError):
         if connection is not None:
             connection[1].close()
         return CONNECTION_FAILED, None

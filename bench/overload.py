@@ -40,10 +40,12 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = admission_env(args)
+    peak = args.capacity or capacity(
+        PEERS["ours"], artifact, settings, env, images, args.measure_seconds, args.url
+    )
     with Server(
         PEERS["ours"], artifact, settings, url=args.url, log=out / "overload-server.log", env=env
     ) as server:
-        peak = args.capacity or capacity(server, images, args.measure_seconds, clients=4 * settings.max_batch)
         unloaded, _ = measure(server, images, Pace(rate=0.5 * peak), args.measure_seconds)
         print(
             f"ssd bench overload: capacity {peak} images/s; at half: {json.dumps(unloaded)}", file=sys.stderr

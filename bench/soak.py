@@ -39,10 +39,13 @@ def main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seconds = args.minutes * 60
+    env = admission_env(args)
+    peak = args.capacity or capacity(
+        PEERS["ours"], artifact, settings, env, images, args.measure_seconds, args.url
+    )
     with Server(
-        PEERS["ours"], artifact, settings, url=args.url, log=out / "soak-server.log", env=admission_env(args)
+        PEERS["ours"], artifact, settings, url=args.url, log=out / "soak-server.log", env=env
     ) as server:
-        peak = args.capacity or capacity(server, images, args.measure_seconds, clients=4 * settings.max_batch)
         with MemorySampler(server, every=5.0) as memory:
             summary, result = measure(server, images, Pace(rate=args.fraction * peak), seconds, warmup=0)
         series = timeline(result, 10.0, memory)
@@ -52,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         "command": "ssd bench " + " ".join(sys.argv[2:]),
         "artifact": str(artifact or args.url),
         "photos": source,
-        "settings": vars(settings) | {"server_env": admission_env(args)},
+        "settings": vars(settings) | {"server_env": env},
         "capacity_images_per_s": peak,
         "offered_per_s": round(args.fraction * peak, 1),
         "minutes": args.minutes,
