@@ -12,8 +12,12 @@ Before a batch runs, items whose client went away (future cancelled) or whose de
 Admission happens at the door, before decoding (``reserve``), so that an overloaded service does
 not spend the CPU its queue needs on images it will refuse. ``QueueFull`` is raised at once when the
 images queued or being decoded would pass ``max_queue_size``, or, with ``max_queue_wait``, when
-they would wait longer than that at the measured inference rate: a bound in time holds on any
-hardware, where a bound in images means 0.1 s on a GPU and a second on a small CPU.
+they would wait longer than that: a bound in time holds on any hardware, where a bound in images
+means 0.1 s on a GPU and a second on a small CPU. The wait is estimated from the seconds a batch
+of each size takes (measured at warm-up, then a moving average over the batches run), as the
+batches the queue ahead will make: full ones, then the rest. An estimate from the recent rate
+alone would be that of batches of one at light load, and would refuse a burst the batches it
+forms can absorb.
 """
 
 from __future__ import annotations
@@ -72,7 +76,6 @@ class Batcher:
         self.max_queue_wait = max_queue_wait_s  # 0: bounded in images only
         self._queue: deque[_Item] = deque()
         self._reserved = 0  # images admitted by reserve() and not yet submitted (being decoded)
-        self._rate: float | None = None  # images/s of inference, a moving average over batches
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -83,10 +86,27 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._queue)
 
-    @property
-    def rate(self) -> float | None:
-        """Images per second of inference, a moving average over the recent batches."""
-        return self._rate
+    def estimated_wait(self, images: int) -> float | None:
+        """Seconds until ``images`` more images would have run, from the current model's batch
+        times (None before any is known)."""
+        detector = self._detector()
+        times = getattr(detector, "batch_seconds", None)
+        if not times:
+            return None
+
+        def seconds(size: int) -> float:
+            if size in times:
+                return times[size]
+            # Unmeasured size: from the nearest measured one, linearly (batching is sublinear,
+            # so this errs on the long side) or, for a smaller size, the same time.
+            below = [k for k in times if k < size]
+            if below:
+                k = max(below)
+                return times[k] * size / k
+            return times[min(times)]
+
+        full, rest = divmod(images, self.max_batch_size)
+        return full * seconds(self.max_batch_size) + (seconds(rest) if rest else 0.0)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -100,12 +120,12 @@ class Batcher:
         ahead = len(self._queue) + self._reserved
         if ahead + count > self.max_queue_size:
             raise QueueFull(f"{ahead} images queued or decoding, limit {self.max_queue_size}")
-        if self.max_queue_wait and self._rate:
-            wait = (ahead + count) / self._rate
-            if wait > self.max_queue_wait:
+        if self.max_queue_wait:
+            wait = self.estimated_wait(ahead + count)
+            if wait is not None and wait > self.max_queue_wait:
                 raise QueueFull(
-                    f"{ahead} images ahead: about {wait * 1000:.0f} ms of waiting at "
-                    f"{self._rate:.0f} images/s, limit {self.max_queue_wait * 1000:.0f} ms"
+                    f"{ahead} images ahead: about {wait * 1000:.0f} ms of waiting, "
+                    f"limit {self.max_queue_wait * 1000:.0f} ms"
                 )
         self._reserved += count
 
@@ -210,8 +230,10 @@ class Batcher:
                 continue
             elapsed = time.perf_counter() - started
             self.metrics.inference.observe(elapsed)
-            rate = len(batch) / elapsed
-            self._rate = rate if self._rate is None else 0.8 * self._rate + 0.2 * rate
+            times = getattr(detector, "batch_seconds", None)
+            if times is not None:
+                size = len(batch)
+                times[size] = elapsed if size not in times else 0.8 * times[size] + 0.2 * elapsed
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batches.inc()
             self.metrics.images.inc(len(batch))
