@@ -87,8 +87,8 @@ class Batcher:
         return len(self._queue)
 
     def estimated_wait(self, images: int) -> float | None:
-        """Seconds until ``images`` more images would have run, from the current model's batch
-        times (None before any is known)."""
+        """Seconds until ``images`` queued images would have run, so that one behind them could
+        start: from the current model's batch times (None before any is known)."""
         detector = self._detector()
         times = getattr(detector, "batch_seconds", None)
         if not times:
@@ -105,6 +105,8 @@ class Batcher:
                 return times[k] * size / k
             return times[min(times)]
 
+        if images <= 0:
+            return 0.0
         full, rest = divmod(images, self.max_batch_size)
         return full * seconds(self.max_batch_size) + (seconds(rest) if rest else 0.0)
 
@@ -121,7 +123,8 @@ class Batcher:
         if ahead + count > self.max_queue_size:
             raise QueueFull(f"{ahead} images queued or decoding, limit {self.max_queue_size}")
         if self.max_queue_wait:
-            wait = self.estimated_wait(ahead + count)
+            # The request's last image waits for everything ahead of it, its own first images included.
+            wait = self.estimated_wait(ahead + count - 1)
             if wait is not None and wait > self.max_queue_wait:
                 raise QueueFull(
                     f"{ahead} images ahead: about {wait * 1000:.0f} ms of waiting, "

@@ -152,22 +152,23 @@ def test_admission_counts_images_still_decoding_and_bounds_the_wait_in_time():
             max_batch_size=4,
             max_queue_delay_s=0.001,
             max_queue_size=100,
-            max_queue_wait_s=0.27,
+            max_queue_wait_s=0.22,
         )
         # The queue ahead runs as full batches, then the rest: 9 images = 2 x 0.1 + 0.05 s.
         assert batcher.estimated_wait(9) == pytest.approx(0.25)
         assert batcher.estimated_wait(2) == pytest.approx(0.1)  # unmeasured: from the size below
-        batcher.reserve(5)  # five images being decoded: 0.1 + 0.05 s
-        with pytest.raises(QueueFull, match=r"5 images ahead: about 300 ms of waiting, limit 270 ms"):
-            batcher.reserve(5)
-        batcher.reserve(4)  # 9 images, 0.25 s: still within the limit
+        assert batcher.estimated_wait(0) == 0.0
+        batcher.reserve(5)  # five images being decoded; the fifth waits for four: 0.1 s
+        with pytest.raises(QueueFull, match=r"5 images ahead: about 250 ms of waiting, limit 220 ms"):
+            batcher.reserve(5)  # its last image would wait for nine: 0.25 s
+        batcher.reserve(4)  # its last waits for eight, 0.2 s: within the limit
         batcher.release(4)  # their decoding failed
         batcher.start()
         futures = batcher.submit([image(v) for v in (3, 4, 5, 6, 7)], far(), reserved=True)
         assert [round(float(r.scores[0]) * 255) for r in await asyncio.gather(*futures)] == [3, 4, 5, 6, 7]
         # The batches run update the times: a batch of 4 took ~0.05 s here, not 0.1.
         assert fake.batch_seconds[4] < 0.1
-        batcher.reserve(9)  # the queue drained: room again
+        batcher.reserve(9)  # the queue drained: room again (eight ahead of the last)
         batcher.release(9)
         await batcher.stop(5)
 

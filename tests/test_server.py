@@ -78,7 +78,13 @@ class Server:
 
 @pytest.mark.slow
 def test_served_without_torch_and_drained_on_sigterm(served_artifact, tmp_path):
-    server = Server(served_artifact, tmp_path / "server.log", SSD_MAX_QUEUE_DELAY_MS="20", SSD_LOG_JSON="1")
+    server = Server(
+        served_artifact,
+        tmp_path / "server.log",
+        SSD_MAX_QUEUE_DELAY_MS="20",
+        SSD_LOG_JSON="1",
+        SSD_MAX_QUEUE_WAIT_MS="0",  # the drain is under test, not admission: all 24 must be queued
+    )
     body = jpeg()
     try:
         with httpx.Client(base_url=server.url, timeout=60) as client:

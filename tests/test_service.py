@@ -275,7 +275,14 @@ def test_concurrent_requests_form_batches(served_artifact):
 
     async def go():
         async with serving(
-            settings(served_artifact, max_batch_size=8, max_queue_delay_ms=20, max_queue_size=128)
+            # Room for the whole burst: this test is about batching, not admission.
+            settings(
+                served_artifact,
+                max_batch_size=8,
+                max_queue_delay_ms=20,
+                max_queue_size=128,
+                max_queue_wait_ms=0,
+            )
         ) as client:
             responses = await asyncio.gather(
                 *(
@@ -316,6 +323,32 @@ def test_a_full_queue_answers_503_at_once(served_artifact):
     run(go())
 
 
+def test_images_that_would_wait_too_long_are_refused_before_decoding(served_artifact):
+    image = encode(scene(320, 320, seed=9))
+
+    async def go():
+        # A queue bound of 100 images, but at most 1 ms of waiting: an image with another ahead
+        # of it is refused, one with none is taken.
+        config = settings(served_artifact, max_batch_size=1, max_queue_size=100, max_queue_wait_ms=1)
+        async with serving(config) as client:
+            responses = await asyncio.gather(
+                *(
+                    client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
+                    for _ in range(20)
+                )
+            )
+            codes = [r.status_code for r in responses]
+            assert 200 in codes and 503 in codes and set(codes) <= {200, 503}
+            refused = next(r for r in responses if r.status_code == 503)
+            assert_error(refused, 503, "queue_full")
+            assert "ms of waiting, limit 1 ms" in refused.json()["error"]["message"]
+            text = (await client.get("/metrics")).text
+            # Refused at the door: only the admitted images were decoded.
+            assert metric(text, "detector_preprocess_duration_seconds_count") == codes.count(200)
+
+    run(go())
+
+
 def test_expired_requests_answer_504(served_artifact):
     async def go():
         async with serving(settings(served_artifact, request_timeout_s=1e-4)) as client:
@@ -347,7 +380,8 @@ def test_reload_is_guarded_and_swaps_without_failures(served_artifact, tmp_path)
     async def go():
         async with serving(settings(model)) as client:
             assert_error(await client.post("/model/reload", headers=token), 403)  # no token configured
-        async with serving(settings(model, admin_token="s3cret")) as client:
+        # No wait bound: the reload, not admission, is under test (a slow machine may queue long).
+        async with serving(settings(model, admin_token="s3cret", max_queue_wait_ms=0)) as client:
             assert_error(await client.post("/model/reload"), 403)
             assert_error(await client.post("/model/reload", headers={"Authorization": "Bearer wrong"}), 403)
             before = (await client.get("/model")).json()["sha256"]
