@@ -108,8 +108,10 @@ def _ssd_env(threads: int, max_batch: int, max_delay_ms: float) -> dict[str, str
 
 def _ours_command(artifact: Path, port: int, max_batch: int, max_delay_ms: float, threads: int) -> Command:
     argv = [sys.executable, "-m", "cli", "serve", "--model", str(artifact), "--port", str(port)]
-    # A queue of 256 images: the load, not the queue bound, decides (the peers have none).
-    return argv, {**_ssd_env(threads, max_batch, max_delay_ms), "SSD_MAX_QUEUE_SIZE": "256"}
+    # A queue of 256 images and no wait bound: the load, not admission, decides (the peers have
+    # neither); `ssd bench overload` and `soak` measure admission with the service's defaults.
+    env = {"SSD_MAX_QUEUE_SIZE": "256", "SSD_MAX_QUEUE_WAIT_MS": "0"}
+    return argv, {**_ssd_env(threads, max_batch, max_delay_ms), **env}
 
 
 def _ours_request(image: bytes, port: int) -> bytes:
