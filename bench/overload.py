@@ -15,37 +15,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-from bench import machine
-from bench.peers import PEERS
-from bench.server import Server, ServerSettings
 from bench.workload import (
+    LoadRun,
     MemorySampler,
     Pace,
     add_load_options,
-    admission_env,
-    capacity,
     measure,
-    photos,
     timeline,
     write_report,
 )
 
 
 def main(args: argparse.Namespace) -> int:
-    settings = ServerSettings(args.max_batch, args.max_delay_ms, args.threads)
-    images, source = photos(Path(args.images) if args.images else None)
-    artifact = Path(args.model).resolve() if not args.url else None
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = admission_env(args)
-    peak = args.capacity or capacity(
-        PEERS["ours"], artifact, settings, env, images, args.measure_seconds, args.url
-    )
-    with Server(
-        PEERS["ours"], artifact, settings, url=args.url, log=out / "overload-server.log", env=env
-    ) as server:
+    run = LoadRun.prepare(args)
+    images, peak = run.images, run.peak
+    with run.server(args, "overload") as server:
         unloaded, _ = measure(server, images, Pace(rate=0.5 * peak), args.measure_seconds)
         print(
             f"ssd bench overload: capacity {peak} images/s; at half: {json.dumps(unloaded)}", file=sys.stderr
@@ -54,20 +39,14 @@ def main(args: argparse.Namespace) -> int:
             loaded, result = measure(server, images, Pace(rate=args.factor * peak), args.seconds, warmup=0)
         series = timeline(result, 1.0, memory)
     answered = loaded["p99_ms"]
-    report = {
-        "machine": machine.machine_info(),
-        "command": "ssd bench " + " ".join(sys.argv[2:]),
-        "artifact": str(artifact or args.url),
-        "photos": source,
-        "settings": vars(settings) | {"server_env": env},
-        "capacity_images_per_s": peak,
+    report = run.header | {
         "unloaded": unloaded,
         "overload": loaded | {"offered_per_s": round(args.factor * peak, 1)} | memory.growth(settle=5.0),
         "accepted_p99_over_unloaded_p99": round(answered / unloaded["p99_ms"], 2),
         "timeline": series,
     }
     write_report(
-        out,
+        run.out,
         "overload",
         report,
         f"overload: {args.factor}x capacity ({report['overload']['offered_per_s']} requests/s offered) "

@@ -11,7 +11,7 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import loadgen
@@ -200,3 +200,55 @@ def write_report(out: Path, name: str, report: dict, title: str) -> None:
     print(json.dumps({k: v for k, v in report.items() if k not in ("timeline", "machine")}))
     written = f"{out / name}.json" + (f" and {image}" if image else "")
     print(f"ssd bench {name}: wrote {written}", file=sys.stderr)
+
+
+@dataclass
+class LoadRun:
+    """What overload and soak share before their load: the photos, our server's settings and
+    admission environment, the report folder, and the capacity the load is a multiple of."""
+
+    settings: ServerSettings
+    images: list[bytes]
+    source: str
+    artifact: Path | None
+    out: Path
+    env: dict[str, str]
+    peak: float = 0.0
+    header: dict = field(default_factory=dict)
+
+    @classmethod
+    def prepare(cls, args: argparse.Namespace) -> LoadRun:
+        from bench import machine
+        from bench.peers import PEERS
+
+        settings = ServerSettings(args.max_batch, args.max_delay_ms, args.threads)
+        images, source = photos(Path(args.images) if args.images else None)
+        artifact = Path(args.model).resolve() if not args.url else None
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        env = admission_env(args)
+        peak = args.capacity or capacity(
+            PEERS["ours"], artifact, settings, env, images, args.measure_seconds, args.url
+        )
+        header = {
+            "machine": machine.machine_info(),
+            "command": "ssd bench " + " ".join(sys.argv[2:]),
+            "artifact": str(artifact or args.url),
+            "photos": source,
+            "settings": vars(settings) | {"server_env": env},
+            "capacity_images_per_s": peak,
+        }
+        return cls(settings, images, source, artifact, out, env, peak, header)
+
+    def server(self, args: argparse.Namespace, name: str) -> Server:
+        """Our service as the load will see it, logging to ``OUT/NAME-server.log``."""
+        from bench.peers import PEERS
+
+        return Server(
+            PEERS["ours"],
+            self.artifact,
+            self.settings,
+            url=args.url,
+            log=self.out / f"{name}-server.log",
+            env=self.env,
+        )
