@@ -30,7 +30,7 @@ from bench.workload import (
 def main(args: argparse.Namespace) -> int:
     run = LoadRun.prepare(args)
     images, peak = run.images, run.peak
-    with run.server(args, "overload") as server:
+    with run.server("overload") as server:
         unloaded, _ = measure(server, images, Pace(rate=0.5 * peak), args.measure_seconds)
         print(
             f"ssd bench overload: capacity {peak} images/s; at half: {json.dumps(unloaded)}", file=sys.stderr

@@ -28,7 +28,7 @@ SETTLE_S = 60.0
 def main(args: argparse.Namespace) -> int:
     run = LoadRun.prepare(args)
     seconds = args.minutes * 60
-    with run.server(args, "soak") as server, MemorySampler(server, every=5.0) as memory:
+    with run.server("soak") as server, MemorySampler(server, every=5.0) as memory:
         summary, result = measure(server, run.images, Pace(rate=args.fraction * run.peak), seconds, warmup=0)
     series = timeline(result, 10.0, memory)
     errors = sum(summary["errors"].values())

@@ -11,10 +11,11 @@ import argparse
 import itertools
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench import loadgen
+from bench import loadgen, machine
+from bench.peers import PEERS
 from bench.plots import plot_timeline
 from bench.server import Server, ServerSettings, add_server_options, batch_sizes
 
@@ -205,22 +206,20 @@ def write_report(out: Path, name: str, report: dict, title: str) -> None:
 @dataclass
 class LoadRun:
     """What overload and soak share before their load: the photos, our server's settings and
-    admission environment, the report folder, and the capacity the load is a multiple of."""
+    admission environment, the report folder, the capacity the load is a multiple of, and the
+    report's header naming all of them."""
 
     settings: ServerSettings
     images: list[bytes]
-    source: str
     artifact: Path | None
+    url: str | None
     out: Path
     env: dict[str, str]
-    peak: float = 0.0
-    header: dict = field(default_factory=dict)
+    peak: float
+    header: dict
 
     @classmethod
     def prepare(cls, args: argparse.Namespace) -> LoadRun:
-        from bench import machine
-        from bench.peers import PEERS
-
         settings = ServerSettings(args.max_batch, args.max_delay_ms, args.threads)
         images, source = photos(Path(args.images) if args.images else None)
         artifact = Path(args.model).resolve() if not args.url else None
@@ -238,17 +237,15 @@ class LoadRun:
             "settings": vars(settings) | {"server_env": env},
             "capacity_images_per_s": peak,
         }
-        return cls(settings, images, source, artifact, out, env, peak, header)
+        return cls(settings, images, artifact, args.url, out, env, peak, header)
 
-    def server(self, args: argparse.Namespace, name: str) -> Server:
+    def server(self, name: str) -> Server:
         """Our service as the load will see it, logging to ``OUT/NAME-server.log``."""
-        from bench.peers import PEERS
-
         return Server(
             PEERS["ours"],
             self.artifact,
             self.settings,
-            url=args.url,
+            url=self.url,
             log=self.out / f"{name}-server.log",
             env=self.env,
         )

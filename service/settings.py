@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, le=256)
     max_queue_delay_ms: float = Field(5.0, ge=0)
     max_queue_size: int = Field(64, ge=1)  # images waiting; past it, 503
-    # Refuse (503) images that would wait longer than this at the measured inference rate; 0: off.
+    # Refuse (503) images that would wait longer than this, estimated from the measured batch times; 0: off.
     # 500 ms: bursts of a few batches pass on a 2-core CPU; lower it for tighter latency under
     # overload at the cost of more 503s (the trade is measured in docs/benchmarks.md).
     max_queue_wait_ms: float = Field(500.0, ge=0)
