@@ -2,7 +2,6 @@
 its metadata, and measured again here on the artifact itself, run by ONNX Runtime as the service
 runs it, over the validation set that `make demo-model` generates."""
 
-import json
 import re
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from model.data.synth import generate
 from model.evaluation import evaluate
 from model.inference import ground_truth
 from service.artifact import Detector
-from service.images import decode
+from service.predict import detect_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo.onnx"
@@ -28,9 +27,7 @@ def recipe_validation_set() -> tuple[int, int]:
 
 
 def test_demo_model_records_the_quickstart_map():
-    detector = Detector(DEMO)
-    metrics = json.loads(detector.info.metadata["metrics"])
-    assert metrics["map50"] >= 0.8
+    assert Detector(DEMO).info.describe()["metrics"]["map50"] >= 0.8
 
 
 @pytest.mark.slow
@@ -41,15 +38,22 @@ def test_demo_artifact_scores_its_recorded_map_on_the_validation_set(tmp_path: P
     data = generate(tmp_path / "synth", images=1, val_images=val_images, seed=seed)
     dataset = open_dataset(data, "val")
     detector = Detector(DEMO, intra_op_threads=2)
+    # `ssd predict`'s path: every detection the artifact keeps, in pixels of the image.
+    answers = detect_files(detector, [ann.path for ann in dataset.annotations], score_threshold=0.0)
     predictions = []
-    for ann in dataset.annotations:
-        image = decode(ann.path.read_bytes(), detector.info.input_size, max_pixels=10_000_000)
-        found = detector.detect(image.pixels[None])[0]
-        scale = np.array([ann.width, ann.height, ann.width, ann.height], dtype=np.float32)
-        predictions.append({"boxes": found.boxes * scale, "scores": found.scores, "labels": found.labels})
+    for answer in answers:
+        assert "error" not in answer, answer
+        found = answer["detections"]
+        predictions.append(
+            {
+                "boxes": np.array([d["box"] for d in found], dtype=np.float32).reshape(-1, 4),
+                "scores": np.array([d["score"] for d in found], dtype=np.float32),
+                "labels": np.array([d["class_id"] for d in found], dtype=np.int64),
+            }
+        )
 
     measured = evaluate(ground_truth(dataset), predictions, dataset.classes)
-    recorded = json.loads(detector.info.metadata["metrics"])
+    recorded = detector.info.describe()["metrics"]
     assert measured["map50"] >= 0.8
     # PyTorch measured the recorded figure on the same images; only float rounding differs.
     assert measured["map50"] == pytest.approx(recorded["map50"], abs=2e-3)
