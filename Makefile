@@ -74,6 +74,7 @@ format: install
 bench: install bench-peers
 	$(UV) run --frozen ssd bench loss --json runs/bench/loss.json
 	$(UV) run --frozen ssd bench train --json runs/bench/train.json
+	$(UV) run --frozen ssd bench parity --json runs/bench/parity.json
 	$(UV) run --frozen ssd bench export $(if $(wildcard runs/demo/best.pt),--checkpoint runs/demo/best.pt) --json runs/bench/export.json
 	$(UV) run --frozen ssd bench serve
 	$(UV) run --frozen ssd bench overload

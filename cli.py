@@ -83,7 +83,12 @@ def _evaluate(args: argparse.Namespace) -> int:
         return 2
     device = torch.device(args.device)
     metrics = evaluate_model(
-        model.to(device), dataset, batch_size=args.batch_size, workers=args.workers, device=device
+        model.to(device),
+        dataset,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=device,
+        progress=True,
     )
     print(json.dumps(metrics))
     return 0

@@ -29,6 +29,7 @@ TORCH = {
         "the artifact on ONNX Runtime against PyTorch eager; decoding + NMS share",
     ),
     "loss": ("bench.loss_bench", "matching and MultiBox loss against torchvision's"),
+    "parity": ("bench.parity", "torchvision exports against torchvision's own model on the coco-mini photos"),
 }
 
 

@@ -29,11 +29,10 @@ import onnxruntime as ort
 import torch
 
 from bench.machine import emit, machine_info, sample_times
+from bench.models import random_model
 from export.exporter import ExportOptions, build_onnx, sample_images
 from export.graph import DetectionGraph, module_path
 from export.sources import from_checkpoint
-from model.registry import build_model
-from model.train import recompute_batch_norm
 
 PROG = "ssd bench export"
 
@@ -141,13 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     results = []
     for name in args.models:
-        torch.manual_seed(0)
-        model = build_model(name, args.classes + 1)
-        calibration = (
-            torch.from_numpy(sample_images(model.input_size, 4, seed=99)).permute(0, 3, 1, 2) / 255.0
-        )
-        recompute_batch_norm(model, [calibration.float()])
-        model.eval()
+        model = random_model(name, args.classes + 1)
         results.append(bench_model(f"{name} (random weights, worst case)", model, args.threads, args.repeats))
     if args.checkpoint:
         source = from_checkpoint(args.checkpoint)

@@ -7,11 +7,13 @@ import json
 import sys
 import time
 
-# `ssd` builds every subcommand's parser, `ssd serve` included, which must not import torch:
-# so this module imports the exporter only when it runs, and states the contract's defaults
-# (shared/design.md; tests/test_export_cli.py checks them against PostprocessConfig's).
-DEFAULTS = {"score_threshold": 0.01, "iou_threshold": 0.45, "topk_candidates": 400, "max_detections": 200}
-TORCHVISION_MODELS = ("ssd300_vgg16", "ssdlite320_mobilenet_v3_large")
+from model.config import PostprocessConfig
+from model.registry import TORCHVISION_MODELS
+
+# `ssd` builds every subcommand's parser, `ssd serve` included, which must not import torch: so
+# this module imports the exporter only when it runs, and takes its defaults and model names
+# from the torch-free model.config and model.registry.
+DEFAULTS = PostprocessConfig()
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -25,17 +27,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fp16", action="store_true", help="float16 network (for GPUs); I/O unchanged")
     parser.add_argument("--raw", action="store_true", help="decoded boxes and class scores, no NMS")
     parser.add_argument("--class-agnostic-nms", action="store_true", help="one NMS across classes")
-    parser.add_argument("--score-threshold", type=float, default=DEFAULTS["score_threshold"])
-    parser.add_argument("--iou-threshold", type=float, default=DEFAULTS["iou_threshold"])
+    parser.add_argument("--score-threshold", type=float, default=DEFAULTS.score_threshold)
+    parser.add_argument("--iou-threshold", type=float, default=DEFAULTS.iou_threshold)
     parser.add_argument(
-        "--topk-candidates", type=int, default=DEFAULTS["topk_candidates"], help="per class, before NMS"
+        "--topk-candidates", type=int, default=DEFAULTS.topk_candidates, help="per class, before NMS"
     )
-    parser.add_argument("--max-detections", type=int, default=DEFAULTS["max_detections"], help="K, per image")
+    parser.add_argument("--max-detections", type=int, default=DEFAULTS.max_detections, help="K, per image")
 
 
 def run(args: argparse.Namespace) -> int:
     from model.checkpoint import CheckpointError
-    from model.postprocess import PostprocessConfig
     from model.weights import WeightsError
 
     from .exporter import ExportOptions, export_artifact

@@ -15,23 +15,25 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 
+from model.config import PostprocessConfig
 from model.data.synth import render
-from model.postprocess import PostprocessConfig
 from model.ssd import SSD
 
 from . import verify as checks
+from .diagnose import explain
 from .fp16 import to_float16
 from .graph import DetectionGraph
 from .metadata import build_metadata
 from .nms import onnx_select_detections
+from .reference import Reference, eager_reference
 from .sources import Source
 
 log = logging.getLogger(__name__)
@@ -83,21 +85,13 @@ def build_onnx(model: SSD, options: ExportOptions, example_batch: int = 2) -> on
     return proto
 
 
-def sample_images(input_size: tuple[int, int], count: int = 7, seed: int = 0) -> np.ndarray:
+def sample_images(
+    input_size: tuple[int, int], count: int = max(checks.BATCH_SIZES), seed: int = 0
+) -> np.ndarray:
     """Synthetic scenes at the model's input size, uint8 [count, H, W, 3]: objects a model
     trained on them detects, and plenty of texture for any other model."""
     rng = np.random.default_rng(seed)
     return np.stack([np.asarray(render(rng, input_size).image, dtype=np.uint8) for _ in range(count)])
-
-
-def eager_reference(model: SSD, config: PostprocessConfig) -> Callable[[np.ndarray], checks.Outputs]:
-    graph = DetectionGraph(model.eval(), config).eval()
-
-    @torch.no_grad()
-    def run(images: np.ndarray) -> checks.Outputs:
-        return checks.Outputs(*(t.numpy() for t in graph(torch.from_numpy(images))))
-
-    return run
 
 
 def export_artifact(source: Source, out: str | Path, options: ExportOptions | None = None) -> Artifact:
@@ -158,8 +152,37 @@ def _verify(path: Path, source: Source, options: ExportOptions, artifact: Artifa
                 f"float16 artifact keeps {found} of {total} float32 detections above 0.3 (needs 99%)"
             )
         return
-    if source.torchvision_reference is not None and not config.class_agnostic:
-        reference = source.torchvision_reference(config)
+    if source.reference is not None and not config.class_agnostic:
+        reference = source.reference(config)
     else:
         reference = eager_reference(source.model, config)
-    artifact.report = checks.verify(sess, reference, images, config.score_threshold)
+    try:
+        artifact.report = checks.verify(sess, reference, images, config.score_threshold)
+    except checks.VerificationError as exc:
+        raise checks.VerificationError(
+            f"{exc}\n{_diagnosis(source.model, reference, sess, images, config)}"
+        ) from None
+
+
+def _diagnosis(
+    model: SSD,
+    reference: Reference,
+    sess: ort.InferenceSession,
+    images: np.ndarray,
+    config: PostprocessConfig,
+) -> str:
+    """Where the two pipelines part (diagnose.py), from a raw export of the same network."""
+    raw = ort.InferenceSession(
+        build_onnx(model, ExportOptions(config, raw=True)).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+
+    def artifact_raw(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        boxes, scores = raw.run(RAW_OUTPUTS, {"images": batch})
+        return scores, boxes
+
+    largest = max(checks.BATCH_SIZES)
+    finding = explain(
+        reference, lambda batch: checks.run(sess, batch), artifact_raw, images[:largest], config
+    )
+    return f"first difference, stage by stage against {reference.name}: {finding}"

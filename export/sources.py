@@ -9,18 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
-
 from model.checkpoint import load_model, sha256
-from model.postprocess import PostprocessConfig
-from model.registry import MODELS
+from model.config import PostprocessConfig
+from model.registry import TORCHVISION_MODELS
 from model.ssd import SSD
 from model.weights import build_from_weights
 
-from .cli import TORCHVISION_MODELS
-from .verify import Outputs
+from .reference import Reference, torchvision_reference
 
 
 @dataclass
@@ -31,7 +26,7 @@ class Source:
     metrics: dict[str, Any] = field(default_factory=dict)
     # Builds the verification reference for a post-processing config; None: the eager
     # export graph is the reference (our own models).
-    torchvision_reference: Callable[[PostprocessConfig], Callable[[np.ndarray], Outputs]] | None = None
+    reference: Callable[[PostprocessConfig], Reference] | None = None
 
 
 def from_checkpoint(path: str | Path) -> Source:
@@ -60,50 +55,8 @@ def from_torchvision(name: str, weights: str | Path) -> Source:
         classes = [f"class_{i}" for i in range(num_classes - 1)]
     state_dict = loaded.state_dict
 
-    def reference(config: PostprocessConfig) -> Callable[[np.ndarray], Outputs]:
-        return torchvision_detector(name, num_classes, state_dict, config)
+    def reference(config: PostprocessConfig) -> Reference:
+        return torchvision_reference(name, num_classes, state_dict, config)
 
     source = loaded.source if not Path(str(weights)).exists() else f"{name}:{Path(weights).name}"
     return Source(model, classes, source, {}, reference)
-
-
-def torchvision_detector(
-    name: str, num_classes: int, state_dict: dict[str, torch.Tensor], config: PostprocessConfig
-) -> Callable[[np.ndarray], Outputs]:
-    """torchvision's own model with ``state_dict`` and our thresholds, as a function of uint8
-    NHWC batches to padded, normalised outputs: the yardstick for torchvision exports."""
-    from torchvision.models import detection
-
-    tv: nn.Module = getattr(detection, name)(weights=None, weights_backbone=None, num_classes=num_classes)
-    tv.load_state_dict(state_dict)
-    tv.eval()
-    tv.score_thresh = config.score_threshold
-    tv.nms_thresh = config.iou_threshold
-    tv.topk_candidates = config.topk_candidates
-    tv.detections_per_img = config.max_detections
-    height, width = MODELS[name].input_size
-    scale = torch.tensor([width, height, width, height], dtype=torch.float32)
-    k = config.max_detections
-
-    @torch.no_grad()
-    def run(images: np.ndarray) -> Outputs:
-        batch = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
-        results = tv(list(batch))
-        out = Outputs(
-            np.zeros(len(images), np.int64),
-            np.zeros((len(images), k, 4), np.float32),
-            np.zeros((len(images), k), np.float32),
-            np.full((len(images), k), -1, np.int64),
-        )
-        for i, r in enumerate(results):
-            boxes = r["boxes"] / scale
-            # torchvision keeps boxes that clipping flattened to zero area; the artifact drops them.
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-            n = int(keep.sum())
-            out.num_detections[i] = n
-            out.boxes[i, :n] = boxes[keep].numpy()
-            out.scores[i, :n] = r["scores"][keep].numpy()
-            out.labels[i, :n] = r["labels"][keep].numpy() - 1  # torchvision counts the background
-        return out
-
-    return run

@@ -1,15 +1,20 @@
 """Checking an artifact against its PyTorch reference with ONNX Runtime on the CPU.
 
-The contract: same counts and labels, boxes within 1e-4, scores within 1e-5, for batches of 1, 2
-and 7; and a batch gives what its images give one by one. Scores are compared as numpy's
-``isclose`` does, with rtol = atol = 1e-5: ONNX Runtime's and PyTorch's convolutions sum in
-different orders, and a score of 0.42 legitimately moves by 1e-5 through a whole network.
+The contract: same counts and labels, boxes within 1e-4, scores within 1e-4, for batches of 1, 2,
+7 and 16. The reference runs once, on the largest batch: it treats images one by one (eval mode),
+so comparing every batch size with it also checks that a batch gives what its images give alone.
+Scores are compared as numpy's ``isclose`` does, with rtol = atol = 1e-4: ONNX Runtime's and
+PyTorch's convolutions sum in different orders, and through a whole VGG16 a score of 0.88 moves by
+up to 4e-5 (the model sweep, tests/test_export_sweep.py, measured up to 1e-4 among a batch's
+million raw scores). A bug in the graph (a wrong variance, softmax axis or default box) moves
+scores and boxes by orders of magnitude more.
 
 "Ties aside": when two candidates' scores are within the tolerance, float rounding may order
-them either way, which can swap which of them survives NMS or the cut at K. A detection without
-a partner is excused only when such a tie explains it (a same-class detection with a score
-within the tolerance, or a score at the threshold or at the K-th place); anything else is a
-mismatch.
+them either way, which can swap which of them survives NMS or the cut at K. Likewise a box that
+clipping leaves within rounding of zero width or height is empty on one side and not the other. A
+detection without a partner is excused only when such a tie explains it (a same-class detection
+with a score within the tolerance, a score at the threshold or at the K-th place, or a box
+thinner than the box tolerance); anything else is a mismatch.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ class Outputs(NamedTuple):
 
 
 Reference = Callable[[np.ndarray], Outputs]  # uint8 [B, H, W, 3] -> outputs
+BATCH_SIZES = (1, 2, 7, 16)
+BOX_ATOL = 1e-4
+SCORE_ATOL = 1e-4
 
 
 @dataclass
@@ -110,7 +118,9 @@ def compare_image(
                 other.scores[other.labels == label],
             ]
         )
-        return at_edge or bool((np.abs(same - s) <= score_atol).any())
+        x1, y1, x2, y2 = side.boxes[i]
+        thin = min(x2 - x1, y2 - y1) <= box_atol
+        return at_edge or thin or bool((np.abs(same - s) <= score_atol).any())
 
     for name, side, other, indices in (
         ("reference", ref, got, unmatched_ref),
@@ -131,18 +141,19 @@ def verify(
     reference: Reference,
     images: np.ndarray,
     score_threshold: float,
-    batch_sizes: Sequence[int] = (1, 2, 7),
-    box_atol: float = 1e-4,
-    score_atol: float = 1e-5,
+    batch_sizes: Sequence[int] = BATCH_SIZES,
+    box_atol: float = BOX_ATOL,
+    score_atol: float = SCORE_ATOL,
 ) -> Report:
-    """Compare the artifact with the reference on the first images for each batch size, and the
-    largest batch with the same images one by one. Raises VerificationError listing mismatches."""
+    """Compare the artifact at each batch size (the first images) with the reference. Raises
+    VerificationError listing mismatches."""
     report = Report(batch_sizes=list(batch_sizes))
+    largest = max(batch_sizes)
+    if largest > len(images):
+        raise ValueError(f"batch {largest} needs {largest} images, {len(images)} given")
+    ref = reference(images[:largest])
     for b in batch_sizes:
-        if b > len(images):
-            raise ValueError(f"batch {b} needs {b} images, {len(images)} given")
-        batch = images[:b]
-        ref, got = reference(batch), run(sess, batch)
+        got = run(sess, images[:b])
         for i in range(b):
             compare_image(
                 ref.image(i),
@@ -153,19 +164,6 @@ def verify(
                 f"batch {b}, image {i}",
                 report,
             )
-    largest = max(batch_sizes)
-    together = run(sess, images[:largest])
-    for i in range(largest):
-        alone = run(sess, images[i : i + 1])
-        compare_image(
-            alone.image(0),
-            together.image(i),
-            box_atol,
-            score_atol,
-            score_threshold,
-            f"image {i} alone vs in a batch of {largest}",
-            report,
-        )
     if report.problems:
         shown = "\n  ".join(report.problems[:10])
         more = f"\n  ... and {len(report.problems) - 10} more" if len(report.problems) > 10 else ""

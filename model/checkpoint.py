@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .registry import build_model
+from .build import build_model
 from .ssd import SSD
 
 

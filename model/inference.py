@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .data.base import DetectionDataset
 from .postprocess import PostprocessConfig, postprocess
@@ -23,10 +25,12 @@ def predict_dataset(
     workers: int = 0,
     device: torch.device | str = "cpu",
     config: PostprocessConfig | None = None,
+    progress: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Detections for every image of ``dataset``, in order.
 
     The dataset's transform is replaced by the evaluation one (resize to the model's input).
+    ``progress`` shows a bar over the images on stderr once the run has lasted a few seconds.
 
     Returns:
         per image: ``boxes`` float32 [K, 4] xyxy in pixels of the image as stored, ``scores``
@@ -42,6 +46,17 @@ def predict_dataset(
     was_training = model.training
     model.eval()
     results: list[dict[str, np.ndarray]] = []
+    # Shown whether or not stderr is a terminal (evaluations run in CI logs too), so it updates
+    # rarely, and not at all for a run of a few seconds.
+    bar = tqdm(
+        total=len(view),
+        unit="img",
+        desc="evaluate",
+        file=sys.stderr,
+        mininterval=5.0,
+        delay=5.0,
+        disable=not progress,
+    )
     try:
         for images, _, _, _ in loader:
             detections = postprocess(*model(images.to(device)), model.priors, config).per_image()
@@ -57,7 +72,9 @@ def predict_dataset(
                         "labels": found["labels"].cpu().numpy(),
                     }
                 )
+            bar.update(len(images))
     finally:
+        bar.close()
         model.train(was_training)
     return results
 

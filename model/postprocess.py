@@ -12,7 +12,6 @@ so the two can be compared tensor for tensor.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -21,24 +20,7 @@ from torch import Tensor
 from torchvision.ops import nms
 
 from .box_coding import decode
-
-
-@dataclass(frozen=True)
-class PostprocessConfig:
-    score_threshold: float = 0.01
-    iou_threshold: float = 0.45
-    topk_candidates: int = 400
-    max_detections: int = 200
-    remove_empty: bool = True  # drop boxes of zero width or height (clipping can produce them)
-    class_agnostic: bool = False  # one NMS across classes, each box with its best class only
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.score_threshold < 1.0:
-            raise ValueError(f"score_threshold must be in [0, 1), got {self.score_threshold}")
-        if not 0.0 <= self.iou_threshold <= 1.0:
-            raise ValueError(f"iou_threshold must be in [0, 1], got {self.iou_threshold}")
-        if self.topk_candidates < 1 or self.max_detections < 1:
-            raise ValueError("topk_candidates and max_detections must be at least 1")
+from .config import PostprocessConfig
 
 
 class Detections(NamedTuple):
@@ -91,12 +73,21 @@ def class_offsets(num_classes: int) -> Tensor:
     return torch.stack([x, y, x, y], dim=1)
 
 
-def _nms_by_group(boxes: Tensor, scores: Tensor, groups: Tensor, iou_threshold: float) -> Tensor:
-    """Indices kept by NMS within each group, sorted by score, descending."""
-    kept = [
-        members[nms(boxes[members], scores[members], iou_threshold)]
-        for members in (torch.nonzero(groups == g).squeeze(1) for g in torch.unique(groups))
-    ]
+def _nms_by_group(boxes: Tensor, scores: Tensor, sizes: list[int], iou_threshold: float) -> Tensor:
+    """Indices kept by NMS within each group, sorted by score, descending (equal scores: in group
+    order, then in NMS's order). The groups are consecutive runs of ``sizes`` boxes.
+
+    Runs, because finding each group's members by comparison would cost a pass over all of the
+    batch's candidates per (image, class): billions of comparisons at batch 32 with 90 classes.
+    Not one NMS per image over the class-shifted boxes, though it would keep the same boxes:
+    torchvision's CPU NMS compares each kept box with every later one, so with thousands of
+    survivors among an image's 36,000 candidates (an untrained model, 90 classes) it is ~40x
+    slower than 90 runs of 400 (docs/benchmarks.md, "Evaluation (eager post-processing)")."""
+    kept, start = [], 0
+    for size in sizes:
+        if size:
+            kept.append(nms(boxes[start : start + size], scores[start : start + size], iou_threshold) + start)
+        start += size
     if not kept:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     kept_all = torch.cat(kept)
@@ -126,10 +117,12 @@ def _select(
     batch, num_priors, num_groups = scores.shape
     k = min(config.topk_candidates, num_priors)
     top_scores, top_prior = scores.topk(k, dim=1)  # [B, k, G]
+    # Candidates in (image, column, rank) order: each NMS group is then one run of them.
+    top_scores, top_prior = top_scores.transpose(1, 2), top_prior.transpose(1, 2)  # [B, G, k]
     keep = top_scores > config.score_threshold
-    image, rank, group = keep.nonzero(as_tuple=True)
-    prior = top_prior[image, rank, group]
-    cand_scores = top_scores[image, rank, group]
+    image, group, rank = keep.nonzero(as_tuple=True)
+    prior = top_prior[image, group, rank]
+    cand_scores = top_scores[image, group, rank]
     cand_boxes = boxes[image, prior]
     label = group if labels is None else labels[image, prior, 0]
     if config.remove_empty:
@@ -141,7 +134,8 @@ def _select(
     # NMS within each (image, column) group, on the class-shifted boxes the exported graph's NMS
     # sees, so that both compute their IoUs from the same float32 numbers.
     shifted = cand_boxes + class_offsets(num_groups).to(cand_boxes.device)[group]
-    kept = _nms_by_group(shifted, cand_scores, image * num_groups + group, config.iou_threshold)
+    sizes = torch.bincount(image * num_groups + group).tolist()
+    kept = _nms_by_group(shifted, cand_scores, sizes, config.iou_threshold)
     kept = kept[torch.sort(image[kept], stable=True).indices]  # group by image, scores still descending
     kept_image = image[kept]
     counts = torch.bincount(kept_image, minlength=batch)

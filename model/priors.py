@@ -9,76 +9,13 @@ configuration (tested), including for non-square inputs.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .box_coding import cxcywh_to_xyxy
-
-# Box scales s_k relative to the input side, one per feature map plus one more for the last
-# map's extra ratio-1 box (s'_k = sqrt(s_k * s_k+1)). These are the Caffe SSD sets.
-SSD300_COCO_SCALES = (0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05)  # 21, 45, 99, ... 315 px
-SSD300_VOC_SCALES = (0.10, 0.20, 0.37, 0.54, 0.71, 0.88, 1.05)  # 30, 60, 111, ... 315 px
-SSD512_COCO_SCALES = (0.04, 0.10, 0.26, 0.42, 0.58, 0.74, 0.90, 1.06)  # 20.48, 51.2, ... px
-SSD512_VOC_SCALES = (0.07, 0.15, 0.30, 0.45, 0.60, 0.75, 0.90, 1.05)  # 35.84, 76.8, ... px
-
-
-def linear_scales(num_maps: int, min_ratio: float, max_ratio: float) -> tuple[float, ...]:
-    """The paper's rule s_k = s_min + (s_max - s_min)(k - 1)/(m - 1), plus a final 1.0.
-
-    torchvision's DefaultBoxGenerator appends 1.0 for the last map's extra box; so do we, so that
-    SSDlite's boxes are the same as torchvision's.
-    """
-    if num_maps == 1:
-        return (min_ratio, max_ratio)
-    step = (max_ratio - min_ratio) / (num_maps - 1)
-    return (*(min_ratio + step * k for k in range(num_maps)), 1.0)
-
-
-@dataclass(frozen=True)
-class PriorConfig:
-    """How default boxes are laid over each feature map.
-
-    aspect_ratios: per feature map, the ratios r beyond 1; each gives two boxes, r and 1/r.
-    scales: s_k per feature map, plus one (len = maps + 1).
-    steps: pixel stride of each map's cells, as in Caffe SSD; ``None`` spreads the cells evenly.
-    clip: clamp widths and heights to [0, 1] (torchvision's default, and what its weights expect).
-    """
-
-    aspect_ratios: tuple[tuple[int, ...], ...]
-    scales: tuple[float, ...]
-    steps: tuple[int, ...] | None = None
-    clip: bool = True
-
-    def __post_init__(self) -> None:
-        if len(self.scales) != len(self.aspect_ratios) + 1:
-            raise ValueError(
-                f"need one scale per feature map plus one: {len(self.aspect_ratios)} maps, "
-                f"{len(self.scales)} scales"
-            )
-        if self.steps is not None and len(self.steps) != len(self.aspect_ratios):
-            raise ValueError(
-                f"need one step per feature map: {len(self.aspect_ratios)} maps, steps {self.steps}"
-            )
-
-    @property
-    def boxes_per_location(self) -> list[int]:
-        return [2 + 2 * len(ratios) for ratios in self.aspect_ratios]
-
-    def box_shapes(self, k: int) -> list[tuple[float, float]]:
-        """The (w, h) pairs of map k, relative to the input's width and height, in head order."""
-        s_k, s_next = self.scales[k], self.scales[k + 1]
-        s_prime = math.sqrt(s_k * s_next)
-        shapes = [(s_k, s_k), (s_prime, s_prime)]
-        for ratio in self.aspect_ratios[k]:
-            root = math.sqrt(ratio)
-            shapes += [(s_k * root, s_k / root), (s_k / root, s_k * root)]
-        if self.clip:
-            shapes = [(min(max(w, 0.0), 1.0), min(max(h, 0.0), 1.0)) for w, h in shapes]
-        return shapes
+from .config import PriorConfig
 
 
 def default_boxes(

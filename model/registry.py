@@ -1,30 +1,25 @@
-"""The model family by name, and the one function that builds any of them."""
+"""The model family by name: every fact about a model in one place, importing no torch.
+
+A ``ModelSpec`` holds what a model is (input size, normalisation, default box layout, backbone
+and head kinds), where torchvision publishes the same network (``torchvision_name``) and how to
+train it (``recipe``). ``build.py`` turns a spec into a network; the ``ssd`` command's parsers
+and the serving path read the specs without loading torch (tests/test_layout.py).
+"""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
 
-import torch
-from torch import nn
-from torchvision.models.detection.ssd import SSDHead
-from torchvision.models.detection.ssdlite import SSDLiteHead
-
-from . import backbones
-from .priors import (
+from .config import (
     SSD300_COCO_SCALES,
     SSD300_VOC_SCALES,
     SSD512_COCO_SCALES,
     SSD512_VOC_SCALES,
     PriorConfig,
+    Recipe,
     linear_scales,
 )
-from .ssd import SSD
-
-log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -34,6 +29,9 @@ VGG_STD = (1.0 / 255, 1.0 / 255, 1.0 / 255)
 
 _RATIOS_6 = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
 _RATIOS_7 = ((2,), (2, 3), (2, 3), (2, 3), (2, 3), (2,), (2,))
+
+# Caffe SSD and torchvision's references: lr 1e-3 to 2e-3 at batch 32, steps at 2/3 and 11/12.
+_VGG_RECIPE = Recipe(0.002, 32, 5e-4, "multistep", (2 / 3, 11 / 12))
 
 
 @dataclass(frozen=True)
@@ -45,11 +43,11 @@ class ModelSpec:
     aspect_ratios: tuple[tuple[int, ...], ...]
     scale_sets: Mapping[str, tuple[float, ...]]  # the first is the default
     steps: tuple[int, ...] | None
-    build_backbone: Callable[[backbones.BackboneWeights], nn.Module]
-    build_head: Callable[[list[int], list[int], int], nn.Module]
+    backbone: str  # a key of build.BACKBONES
+    head: str  # a key of build.HEADS
+    recipe: Recipe  # the published training defaults
     description: str = ""
     torchvision_name: str | None = None  # torchvision's builder with the same state dict, if any
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def prior_config(self, scale_set: str | None = None) -> PriorConfig:
         key = scale_set or next(iter(self.scale_sets))
@@ -69,8 +67,9 @@ MODELS: dict[str, ModelSpec] = {
             aspect_ratios=_RATIOS_6,
             scale_sets={"coco": SSD300_COCO_SCALES, "voc": SSD300_VOC_SCALES},
             steps=(8, 16, 32, 64, 100, 300),
-            build_backbone=lambda w: backbones.build_vgg16(highres=False, weights=w),
-            build_head=SSDHead,
+            backbone="vgg16",
+            head="ssd",
+            recipe=_VGG_RECIPE,
             description="SSD300, VGG16 with L2Norm on conv4_3 (the paper's model); 8732 default boxes",
             torchvision_name="ssd300_vgg16",
         ),
@@ -82,8 +81,9 @@ MODELS: dict[str, ModelSpec] = {
             aspect_ratios=_RATIOS_7,
             scale_sets={"coco": SSD512_COCO_SCALES, "voc": SSD512_VOC_SCALES},
             steps=(8, 16, 32, 64, 128, 256, 512),
-            build_backbone=lambda w: backbones.build_vgg16(highres=True, weights=w),
-            build_head=SSDHead,
+            backbone="vgg16_highres",
+            head="ssd",
+            recipe=_VGG_RECIPE,
             description="SSD512, VGG16 with L2Norm and the paper's conv12_2; 24564 default boxes",
         ),
         ModelSpec(
@@ -100,9 +100,12 @@ MODELS: dict[str, ModelSpec] = {
                 "small": linear_scales(6, 0.08, 0.95),
             },
             steps=None,
-            build_backbone=backbones.build_mobilenet_v3_large,
-            build_head=lambda channels, anchors, classes: SSDLiteHead(
-                channels, anchors, classes, backbones.mobilenet_norm_layer()
+            backbone="mobilenet_v3_large",
+            head="ssdlite",
+            # torchvision's SSDlite: lr 0.15 at batch 192 (8 x 24), cosine, weight decay 4e-5,
+            # from scratch, no photometric distortion or zoom out.
+            recipe=Recipe(
+                0.15, 192, 4e-5, "cosine", backbone_weights=None, photometric=False, zoom_out=False
             ),
             description="SSDlite320, MobileNetV3-Large with depthwise heads; 3234 default boxes",
             torchvision_name="ssdlite320_mobilenet_v3_large",
@@ -115,80 +118,20 @@ MODELS: dict[str, ModelSpec] = {
             aspect_ratios=_RATIOS_6,
             scale_sets={"coco": SSD300_COCO_SCALES, "voc": SSD300_VOC_SCALES},
             steps=(8, 16, 32, 64, 100, 300),
-            build_backbone=backbones.build_resnet50,
-            build_head=SSDHead,
+            backbone="resnet50",
+            head="ssd",
+            # NVIDIA's SSD300 ResNet-50: lr 2.6e-3 at batch 32, steps at epochs 43 and 54 of 65.
+            recipe=Recipe(0.0026, 32, 5e-4, "multistep", (43 / 65, 54 / 65)),
             description="SSD300, ResNet-50 to conv4, batch-norm extra layers (NVIDIA's variant); 8732 boxes",
         ),
     ]
 }
+
+# The models whose torchvision builder takes our state dicts: ``ssd export --torchvision``.
+TORCHVISION_MODELS = tuple(name for name, spec in MODELS.items() if spec.torchvision_name)
 
 
 def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
     return MODELS[name]
-
-
-def _backbone_weights(spec: ModelSpec, weights: str | Path | None) -> backbones.BackboneWeights:
-    if weights is None:
-        return None
-    if str(weights).lower() == "imagenet":
-        return "imagenet"
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights file {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state.get("model", state))
-
-
-def build_model(
-    name: str,
-    num_classes: int,
-    *,
-    backbone_weights: str | Path | None = None,
-    freeze_base: bool = False,
-    scale_set: str | None = None,
-) -> SSD:
-    """Build a registered SSD.
-
-    Args:
-        name: one of ``MODELS``.
-        num_classes: object classes + 1 (background), torchvision's convention, e.g. 21 for VOC.
-        backbone_weights: ``None`` (random), ``"imagenet"`` (torchvision's ImageNet weights for the
-            backbone: downloaded, or read from torch's hub cache; with no network, a warning and
-            random initialisation), or the path of a state dict of the classification network.
-        freeze_base: do not train the base network (the pretrained part of the backbone).
-        scale_set: default box sizes, e.g. ``"coco"`` (default) or ``"voc"`` for the SSD300/512 models.
-    """
-    spec = get_spec(name)
-    if num_classes < 2:
-        raise ValueError(f"num_classes counts the background too, so it must be >= 2 (got {num_classes})")
-    weights = _backbone_weights(spec, backbone_weights)
-    try:
-        backbone = spec.build_backbone(weights)
-    except OSError as exc:  # URLError is an OSError: no network, or the download failed
-        log.warning(
-            "could not get ImageNet weights for %s's backbone (%s); starting from random initialisation. "
-            "Pass a local file with backbone_weights=PATH.",
-            name,
-            exc,
-        )
-        backbone = spec.build_backbone(None)
-    shapes = backbones.feature_shapes(backbone, spec.input_size)
-    prior_config = spec.prior_config(scale_set)
-    channels = [c for c, _, _ in shapes]
-    head = spec.build_head(channels, prior_config.boxes_per_location, num_classes)
-    model = SSD(
-        name=name,
-        backbone=backbone,
-        head=head,
-        num_classes=num_classes,
-        input_size=spec.input_size,
-        image_mean=spec.image_mean,
-        image_std=spec.image_std,
-        prior_config=prior_config,
-        feature_sizes=[(h, w) for _, h, w in shapes],
-    )
-    if freeze_base:
-        model.freeze_base()
-    return model

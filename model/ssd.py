@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .priors import PriorConfig, PriorGrid, default_boxes
+from .config import PriorConfig
+from .priors import PriorGrid, default_boxes
 
 
 class SSD(nn.Module):

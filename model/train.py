@@ -35,43 +35,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from .build import build_model
 from .checkpoint import CheckpointError, atomic_save, read_checkpoint, rng_state, set_rng_state
 from .data import DatasetError, open_dataset
 from .inference import evaluate_model
 from .loss import MultiBoxLoss
 from .malloc import keep_freed_memory
-from .registry import MODELS, build_model
+from .registry import MODELS
 from .transforms import collate, train_transforms
 
 log = logging.getLogger("ssd.train")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Per-model defaults, from the published recipes."""
-
-    lr: float  # for ``reference_batch`` images per step
-    reference_batch: int
-    weight_decay: float
-    schedule: str  # "cosine" or "multistep"
-    milestones: tuple[float, ...] = ()  # multistep: fractions of the run at which the lr drops 10x
-    backbone_weights: str | None = "imagenet"
-    photometric: bool = True
-    zoom_out: bool = True
-
-
-RECIPES = {
-    # Caffe SSD and torchvision's references: lr 1e-3 to 2e-3 at batch 32, steps at 2/3 and 11/12.
-    "ssd300_vgg16": Recipe(0.002, 32, 5e-4, "multistep", (2 / 3, 11 / 12)),
-    "ssd512_vgg16": Recipe(0.002, 32, 5e-4, "multistep", (2 / 3, 11 / 12)),
-    # NVIDIA's SSD300 ResNet-50: lr 2.6e-3 at batch 32, steps at epochs 43 and 54 of 65.
-    "ssd300_resnet50": Recipe(0.0026, 32, 5e-4, "multistep", (43 / 65, 54 / 65)),
-    # torchvision's SSDlite: lr 0.15 at batch 192 (8 x 24), cosine, weight decay 4e-5, from scratch,
-    # no photometric distortion or zoom out.
-    "ssdlite320_mobilenet_v3_large": Recipe(
-        0.15, 192, 4e-5, "cosine", backbone_weights=None, photometric=False, zoom_out=False
-    ),
-}
 
 
 @dataclass
@@ -205,7 +178,8 @@ def train(config: TrainConfig) -> Path:
     # ---- data --------------------------------------------------------------------------------
     if config.model not in MODELS:
         raise SystemExit(f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
-    spec, recipe = MODELS[config.model], RECIPES[config.model]
+    spec = MODELS[config.model]
+    recipe = spec.recipe
     augment = train_transforms(
         spec.input_size,
         photometric=recipe.photometric if config.photometric is None else config.photometric,

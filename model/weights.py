@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .registry import build_model, get_spec
+from .build import build_model
+from .registry import get_spec
 from .ssd import SSD
 
 

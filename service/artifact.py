@@ -58,6 +58,16 @@ class ModelInfo:
         out["model"] = self.name  # a model name like "1e5" must stay a string
         return out
 
+    def below_floor(self, threshold: float) -> str | None:
+        """Why ``threshold`` cannot be honoured, or None: the graph keeps only scores above its own
+        ``score_threshold``, so a lower threshold would silently get that floor. At it is fine."""
+        if threshold >= self.score_threshold:
+            return None
+        return (
+            f"score_threshold {threshold} is below this model's floor of {self.score_threshold} "
+            "(the threshold baked into the artifact)"
+        )
+
 
 @dataclass
 class Detections:

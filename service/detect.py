@@ -99,6 +99,18 @@ def _class_filter(classes: str | None, info: ModelInfo) -> set[int] | None:
     return {info.classes.index(n) for n in names}
 
 
+def _threshold(requested: float | None, default: float, info: ModelInfo) -> float:
+    """The request's score threshold. Below the artifact's floor is refused (the graph has already
+    dropped those scores); a default below it (SSD_SCORE_THRESHOLD, warned about at load) is raised
+    to the floor."""
+    if requested is None:
+        return max(default, info.score_threshold)
+    problem = info.below_floor(requested)
+    if problem:
+        raise APIError(422, problem, "invalid_parameters")
+    return requested
+
+
 def _result(upload: Upload, image: Decoded, found: Detections, threshold: float, limit: int,
             keep: set[int] | None) -> dict[str, Any]:  # fmt: skip
     detections = found.to_json(image.width, image.height, threshold, limit, keep)
@@ -121,7 +133,10 @@ async def _until_disconnect(request: Request) -> None:
 async def detect(
     request: Request,
     state: StateDep,
-    score_threshold: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+    score_threshold: Annotated[
+        float | None,
+        Query(ge=0.0, le=1.0, allow_inf_nan=False, description="from the model's floor to 1"),
+    ] = None,
     max_detections: Annotated[int | None, Query(ge=1)] = None,
     classes: Annotated[str | None, Query(description="comma-separated class names to keep")] = None,
 ) -> JSONResponse:
@@ -134,7 +149,7 @@ async def detect(
             422, f"max_detections: at most {info.max_detections} for this model", "invalid_parameters"
         )
     keep = _class_filter(classes, info)
-    threshold = state.settings.score_threshold if score_threshold is None else score_threshold
+    threshold = _threshold(score_threshold, state.settings.score_threshold, info)
     deadline = time.monotonic() + state.settings.request_timeout_s
 
     uploads = await _uploads(request, state)

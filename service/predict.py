@@ -15,6 +15,7 @@ from .artifact import ArtifactError, Detector
 from .images import ImageError, decode
 
 MAX_PIXELS = 100_000_000
+DEFAULT_SCORE_THRESHOLD = 0.5
 
 # Distinct, readable colours for class ids (Tableau 10).
 PALETTE = [
@@ -23,11 +24,27 @@ PALETTE = [
 ]  # fmt: skip
 
 
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:  # NaN included
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the .onnx artifact")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--out", default=None, help="write IMAGE.jpg with boxes and predictions.json here")
-    parser.add_argument("--score-threshold", type=float, default=0.5)
+    parser.add_argument(
+        "--score-threshold",
+        type=_unit_interval,
+        default=None,
+        help=f"keep detections scoring at least this, from the artifact's own threshold to 1 "
+        f"(default {DEFAULT_SCORE_THRESHOLD}, or the artifact's threshold if that is higher)",
+    )
     parser.add_argument("--providers", default="cpu", help="e.g. cuda,cpu (default cpu)")
 
 
@@ -71,8 +88,15 @@ def run(args: argparse.Namespace) -> int:
     except (ArtifactError, ValueError) as exc:
         print(f"ssd predict: {exc}", file=sys.stderr)
         return 2
+    threshold = args.score_threshold
+    if threshold is None:
+        threshold = max(DEFAULT_SCORE_THRESHOLD, detector.info.score_threshold)
+    problem = detector.info.below_floor(threshold)
+    if problem:  # before any image is read: the artifact has already dropped those scores
+        print(f"ssd predict: {problem}", file=sys.stderr)
+        return 2
     paths = [Path(p) for p in args.images]
-    results = detect_files(detector, paths, args.score_threshold)
+    results = detect_files(detector, paths, threshold)
     info = detector.info
     report = {
         "model": {"name": info.name, "version": info.version, "sha256": info.sha256},

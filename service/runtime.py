@@ -82,6 +82,16 @@ class ModelRuntime:
             s.max_batch_size,
             time.perf_counter() - started,
         )
+        floor = detector.info.score_threshold
+        if s.score_threshold < floor:
+            log.warning(
+                "SSD_SCORE_THRESHOLD %s is below the floor of model %s (%s, the threshold baked "
+                "into the artifact): requests without score_threshold use %s",
+                s.score_threshold,
+                detector.info.name,
+                floor,
+                floor,
+            )
         return detector
 
     def _swap(self, detector: Detector) -> None:

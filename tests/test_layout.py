@@ -80,3 +80,70 @@ def test_serving_install_pulls_no_torch():
     installed = _closure(packages, serving)
     assert "fastapi" in installed and "onnxruntime-gpu" in installed  # the walk really ran
     assert not installed & {"torch", "torchvision", "onnx", "onnxscript"}, sorted(installed)
+
+
+def _module_imports(path: Path, package_root: Path) -> set[str]:
+    """Project modules imported anywhere in the file, inside functions too (a lazy import still
+    ties the two modules together), but not under ``if TYPE_CHECKING``."""
+    module = ".".join(path.relative_to(package_root).with_suffix("").parts).removesuffix(".__init__")
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names = set()
+    tree = ast.parse(path.read_text())
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for inner in ast.walk(node)
+    }
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{parent}.{base}" if base else parent
+            names.add(base)
+            names |= {f"{base}.{alias.name}" for alias in node.names}
+    return names
+
+
+def test_no_import_circles():
+    modules = {}
+    for package in ("model", "export", "service", "bench"):
+        for path in (ROOT / package).rglob("*.py"):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            modules[name] = path
+    graph = {
+        name: {m for m in _module_imports(path, ROOT) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack, seen = [(start, [start])], set()
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*trail, start]
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append((nxt, [*trail, nxt]))
+        return None
+
+    circles = [c for c in map(cycle_from, graph) if c]
+    assert not circles, circles[0]
+
+
+def test_model_facts_load_without_torch():
+    """The registry (recipes, torchvision names) and the export defaults import no torch: the `ssd`
+    command reads them to build its parsers, `ssd serve` included."""
+    code = (
+        "import sys, model.registry, model.config, export.cli\n"
+        "assert model.registry.MODELS['ssd300_vgg16'].recipe.lr > 0\n"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -6,7 +6,8 @@ from torchvision.ops import box_iou
 
 from model import MultiBoxLoss, match, pad_targets
 from model.box_coding import cxcywh_to_xyxy
-from model.priors import SSD300_COCO_SCALES, PriorConfig, default_boxes
+from model.config import SSD300_COCO_SCALES, PriorConfig
+from model.priors import default_boxes
 
 RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
 STEPS = (8, 16, 32, 64, 100, 300)

@@ -5,8 +5,9 @@ from torchvision.models.detection._utils import SSDMatcher
 from torchvision.ops import box_iou
 
 from model.box_coding import cxcywh_to_xyxy, xyxy_to_cxcywh
+from model.config import SSD300_COCO_SCALES, PriorConfig
 from model.matching import match, pad_targets
-from model.priors import SSD300_COCO_SCALES, PriorConfig, PriorGrid, default_boxes
+from model.priors import PriorGrid, default_boxes
 
 PRIORS = default_boxes(
     PriorConfig(((2,), (2, 3), (2, 3), (2, 3), (2,), (2,)), SSD300_COCO_SCALES, (8, 16, 32, 64, 100, 300)),

@@ -10,7 +10,8 @@ from torchvision.models.detection import (
     ssdlite320_mobilenet_v3_large,
 )
 
-from model import MODELS, PostprocessConfig, build_model, postprocess
+from model import MODELS, PostprocessConfig, build_model
+from model.postprocess import postprocess
 from model.weights import WeightsError, build_from_weights, load_into, num_classes_in, read_weights
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from model import MultiBoxLoss, PostprocessConfig, build_model, pad_targets, postprocess
+from model import MultiBoxLoss, PostprocessConfig, build_model, pad_targets
+from model.postprocess import postprocess
 
 
 def _two_images():

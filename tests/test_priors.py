@@ -7,7 +7,8 @@ from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 
 from model import build_model
 from model.box_coding import cxcywh_to_xyxy
-from model.priors import SSD300_COCO_SCALES, SSD300_VOC_SCALES, PriorConfig, default_boxes, linear_scales
+from model.config import SSD300_COCO_SCALES, SSD300_VOC_SCALES, PriorConfig, linear_scales
+from model.priors import default_boxes
 
 SSD300_RATIOS = ((2,), (2, 3), (2, 3), (2, 3), (2,), (2,))
 SSD300_MAPS = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]

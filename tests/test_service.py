@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import shutil
 import struct
@@ -25,6 +26,7 @@ from service.settings import Settings
 
 COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
 CLASSES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
+JPEG = {"Content-Type": "image/jpeg"}
 
 
 def settings(model: Path, **overrides) -> Settings:
@@ -140,7 +142,7 @@ def test_detect_raw_and_multipart_in_order(served_artifact):
                 "/detect",
                 content=encode(wide),
                 headers={"Content-Type": "image/jpeg"},
-                params={"score_threshold": 0.0, "max_detections": 3, "classes": "star,circle"},
+                params={"score_threshold": 0.01, "max_detections": 3, "classes": "star,circle"},
             )
             detections = few.json()["results"][0]["detections"]
             assert 0 < len(detections) <= 3 and {d["label"] for d in detections} <= {"star", "circle"}
@@ -266,6 +268,59 @@ def test_bad_input_gets_clear_errors_and_the_service_keeps_serving(served_artifa
             assert (await client.post("/detect", content=good, headers=jpeg)).status_code == 200
             text = (await client.get("/metrics")).text
             assert metric(text, 'detector_requests_total{code="413",route="/detect"}') == 3
+
+    run(go())
+
+
+def with_floor(source: Path, target: Path, floor: float) -> None:
+    """The same network with another ``score_threshold`` in its metadata, the floor the service
+    reads (the graph itself still keeps every score above its own threshold)."""
+    proto = onnx.load(source)
+    (prop,) = [p for p in proto.metadata_props if p.key == "score_threshold"]
+    prop.value = str(floor)
+    onnx.save(proto, target)
+
+
+def test_score_threshold_is_never_below_the_artifact_floor(served_artifact, tmp_path, caplog):
+    image = encode(scene(seed=0))
+    floored = tmp_path / "floored.onnx"
+    with_floor(served_artifact, floored, 0.3)
+
+    async def detect(client: httpx.AsyncClient, **params) -> httpx.Response:
+        return await client.post("/detect", content=image, headers=JPEG, params=params)
+
+    def found(response: httpx.Response) -> list[dict]:
+        assert response.status_code == 200, response.text
+        return response.json()["results"][0]["detections"]
+
+    async def go():
+        # A default (SSD_SCORE_THRESHOLD) between the two floors: the calibrated model scores ~0.4 at most.
+        async with serving(settings(served_artifact, score_threshold=0.1)) as client:
+            floor = (await client.get("/model")).json()["metadata"]["score_threshold"]
+            assert floor == 0.01
+            for below in (0.005, 0.0):
+                error = assert_error(await detect(client, score_threshold=below), 422, "invalid_parameters")
+                assert error["message"] == (
+                    f"score_threshold {below} is below this model's floor of {floor} "
+                    "(the threshold baked into the artifact)"
+                )
+            for nonsense in ("nan", "NaN", "inf", "-inf", 1.5):
+                response = await detect(client, score_threshold=nonsense)
+                assert "score_threshold" in assert_error(response, 422, "invalid_parameters")["message"]
+            everything = found(await detect(client, score_threshold=floor))  # at the floor is valid
+            assert everything and min(d["score"] for d in everything) >= floor
+
+        with caplog.at_level(logging.WARNING, logger="service.runtime"):
+            async with serving(settings(floored, score_threshold=0.1)) as client:
+                detections = found(await detect(client))  # SSD_SCORE_THRESHOLD 0.1 is below 0.3
+                assert detections and all(d["score"] >= 0.3 for d in detections)
+                assert detections == [d for d in everything if d["score"] >= 0.3]
+                error = assert_error(await detect(client, score_threshold=0.2), 422, "invalid_parameters")
+                assert "below this model's floor of 0.3 " in error["message"]
+                assert found(await detect(client, score_threshold=0.3)) == detections
+        runtime = [r for r in caplog.records if r.name == "service.runtime"]
+        warnings = [r.getMessage() for r in runtime if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "SSD_SCORE_THRESHOLD 0.1 is below the floor" in warnings[0], warnings
 
     run(go())
 
