@@ -157,7 +157,7 @@ def _verify(path: Path, source: Source, options: ExportOptions, artifact: Artifa
     else:
         reference = eager_reference(source.model, config)
     try:
-        artifact.report = checks.verify(sess, reference, images, config.score_threshold)
+        artifact.report = checks.verify(sess, reference, images, config)
     except checks.VerificationError as exc:
         raise checks.VerificationError(
             f"{exc}\n{_diagnosis(source.model, reference, sess, images, config)}"

@@ -27,6 +27,8 @@ from typing import NamedTuple
 import numpy as np
 import onnxruntime as ort
 
+from model.config import PostprocessConfig
+
 
 class VerificationError(RuntimeError):
     pass
@@ -58,6 +60,7 @@ class Report:
     batch_sizes: list[int] = field(default_factory=list)
     detections: int = 0  # reference detections compared
     excused: int = 0  # unmatched, explained by a tie
+    cascades: int = 0  # images whose differences are a cascade of ties (valid_selection)
     max_box_error: float = 0.0
     max_score_error: float = 0.0
     problems: list[str] = field(default_factory=list)
@@ -66,6 +69,7 @@ class Report:
         return (
             f"batches {self.batch_sizes}: {self.detections} detections, max box error "
             f"{self.max_box_error:.2e}, max score error {self.max_score_error:.2e}, {self.excused} tie(s)"
+            + (f" ({self.cascades} image(s) with a cascade of ties)" if self.cascades else "")
         )
 
 
@@ -136,34 +140,130 @@ def compare_image(
                 )
 
 
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[len(a), len(b)] IoU of xyxy boxes; 0 where a box has no area."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(axis=2)
+    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
+    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def valid_selection(
+    got: Outputs,
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    config: PostprocessConfig,
+    box_atol: float = BOX_ATOL,
+    score_atol: float = SCORE_ATOL,
+    iou_atol: float = 1e-3,
+) -> str | None:
+    """Whether one image's detections ``got`` are what the selection makes of the reference's
+    ``scores`` [N, C] and ``boxes`` [N, 4] when scores within the tolerance may be taken in either
+    order: None if so, else the reason.
+
+    Greedy NMS over near-equal overlapping candidates can keep either one, and the choice then
+    cascades (the one kept suppresses others), so one float rounding can change several
+    detections that are no tie themselves. A result is such a valid selection when every
+    detection is a candidate (top-k of its class above the threshold, ties at the k-th place
+    allowed), no two kept boxes of a class overlap beyond the IoU threshold, and every candidate
+    left out that scores above the last kept one is suppressed by a kept box of its class scoring
+    at least as high, ties allowed. IoUs get ``iou_atol`` either way (boxes agree to 1e-4 only).
+    """
+    if (np.diff(got.scores) > 0).any():
+        return "scores are not in descending order"
+    columns = scores.max(axis=1, keepdims=True) if config.class_agnostic else scores
+    best = scores.argmax(axis=1)
+    k = min(config.topk_candidates, columns.shape[0])
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    floor = got.scores[-1] - score_atol if len(got.scores) == config.max_detections else -np.inf
+    kept: dict[int, list[int]] = {}
+    for j, (label, box, score) in enumerate(zip(got.labels, got.boxes, got.scores, strict=True)):
+        group = 0 if config.class_agnostic else int(label)
+        column = columns[:, group]
+        kth = np.partition(column, -k)[-k]
+        close = (
+            (np.abs(column - score) <= score_atol * (1 + abs(score)))
+            & (np.abs(boxes - box).max(axis=1) <= box_atol)
+            & (column >= kth - score_atol)
+            & (not config.class_agnostic or best == label)
+        )
+        if not close.any():
+            return f"detection {j} (label {label}, score {score:.6f}) is no candidate of the reference's"
+        kept.setdefault(group, []).append(int(np.argmax(close)))
+    for group in range(columns.shape[1]):
+        column = columns[:, group]
+        mine = np.array(kept.get(group, []), dtype=np.int64)
+        overlap = _iou(boxes[mine], boxes[mine])
+        np.fill_diagonal(overlap, 0.0)
+        if (overlap > config.iou_threshold + iou_atol).any():
+            return f"two detections of class {group} overlap by IoU {overlap.max():.3f}: NMS would keep one"
+        top = np.argsort(-column, kind="stable")[:k]
+        left_out = top[(column[top] > config.score_threshold) & nonempty[top] & (column[top] > floor)]
+        left_out = np.setdiff1d(left_out, mine)
+        if not len(left_out):
+            continue
+        suppressed = (_iou(boxes[left_out], boxes[mine]) > config.iou_threshold - iou_atol) & (
+            column[mine][None, :] >= column[left_out][:, None] - score_atol
+        )
+        missing = left_out[~suppressed.any(axis=1)] if len(mine) else left_out
+        if len(missing):
+            p = int(missing[0])
+            return (
+                f"candidate {p} of class {group} (score {column[p]:.6f}) is neither kept nor suppressed "
+                "by a kept box scoring as high"
+            )
+    return None
+
+
 def verify(
     sess: ort.InferenceSession,
     reference: Reference,
     images: np.ndarray,
-    score_threshold: float,
+    config: PostprocessConfig,
     batch_sizes: Sequence[int] = BATCH_SIZES,
     box_atol: float = BOX_ATOL,
     score_atol: float = SCORE_ATOL,
 ) -> Report:
-    """Compare the artifact at each batch size (the first images) with the reference. Raises
-    VerificationError listing mismatches."""
+    """Compare the artifact at each batch size (the first images) with the reference. An image
+    whose detections differ beyond ties is checked once more as a selection of the reference's
+    own scores and boxes (``valid_selection``; where the reference gives them, ``raw``), which
+    excuses tie cascades. Raises VerificationError listing mismatches."""
     report = Report(batch_sizes=list(batch_sizes))
     largest = max(batch_sizes)
     if largest > len(images):
         raise ValueError(f"batch {largest} needs {largest} images, {len(images)} given")
     ref = reference(images[:largest])
+    raw = getattr(reference, "raw", None)
+    ref_raw: tuple[np.ndarray, np.ndarray] | None = None
     for b in batch_sizes:
         got = run(sess, images[:b])
         for i in range(b):
+            where = f"batch {b}, image {i}"
+            found = Report()
             compare_image(
-                ref.image(i),
-                got.image(i),
-                box_atol,
-                score_atol,
-                score_threshold,
-                f"batch {b}, image {i}",
-                report,
+                ref.image(i), got.image(i), box_atol, score_atol, config.score_threshold, where, found
             )
+            report.detections += found.detections
+            report.excused += found.excused
+            report.max_box_error = max(report.max_box_error, found.max_box_error)
+            report.max_score_error = max(report.max_score_error, found.max_score_error)
+            if not found.problems:
+                continue
+            if raw is not None and ref_raw is None:
+                ref_raw = raw(images[:largest])
+            reason = (
+                valid_selection(got.image(i), ref_raw[0][i], ref_raw[1][i], config, box_atol, score_atol)
+                if ref_raw is not None
+                else "no raw outputs to check it against"
+            )
+            if reason is None:
+                report.excused += len(found.problems)  # a cascade of ties
+                report.cascades += 1
+            else:
+                report.problems += [*found.problems, f"{where}: not a valid selection either: {reason}"]
     if report.problems:
         shown = "\n  ".join(report.problems[:10])
         more = f"\n  ... and {len(report.problems) - 10} more" if len(report.problems) > 10 else ""

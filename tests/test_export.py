@@ -140,7 +140,9 @@ def test_verification_catches_a_different_graph(artifact, lite_model):
     """The check can fail: a reference with another IoU threshold keeps other boxes."""
     other = eager_reference(lite_model, PostprocessConfig(iou_threshold=0.3))
     with pytest.raises(verify.VerificationError, match="no counterpart"):
-        verify.verify(verify.session(artifact), other, sample_images((320, 320)), 0.01)
+        verify.verify(
+            verify.session(artifact), other, sample_images((320, 320)), PostprocessConfig(iou_threshold=0.3)
+        )
 
 
 def test_export_defaults_are_the_contract_and_live_in_postprocess_config():
@@ -370,21 +372,44 @@ def test_torchvision_reference_drops_empty_boxes_before_the_cut_at_k(crowded_lit
     assert not report.problems and report.excused == 0
 
 
-def test_a_failed_verification_names_the_stage_where_the_pipelines_part(crowded_lite, tmp_path):
-    """The old torchvision reference: the exporter refuses, and says the cut at K is where
-    torchvision's own post-processing parts from the selection of its own scores."""
+def test_a_failed_verification_names_the_stage_where_the_pipelines_part(crowded_lite, lite_model, tmp_path):
+    """A reference of other weights: the exporter refuses, and says the network outputs differ."""
     source = Source(
-        crowded_lite,
-        ["a", "b", "c", "d"],
-        "test",
-        reference=lambda config: _cut_before_dropping_empty_boxes(LITE, crowded_lite, config),
+        crowded_lite, ["a", "b", "c", "d"], "test", reference=lambda config: eager_reference(other, config)
     )
+    other = calibrated(LITE, num_classes=5, seed=3)
     with pytest.raises(verify.VerificationError) as error:
         export_artifact(source, tmp_path / "refused.onnx")
     message = str(error.value)
-    assert "first difference, stage by stage against torchvision, cut at K first" in message
-    assert "the cut at K: torchvision, cut at K first's own post-processing differs" in message
+    assert "first difference, stage by stage against PyTorch (eager export graph): network outputs" in message
     assert not (tmp_path / "refused.onnx").exists()
+
+
+def test_the_cut_at_k_of_the_old_torchvision_reference_is_named(crowded_lite):
+    config = PostprocessConfig()
+    old = _cut_before_dropping_empty_boxes(LITE, crowded_lite, config)
+    finding = _explain(old, crowded_lite, config)
+    assert "the cut at K: torchvision, cut at K first's own post-processing differs" in finding, finding
+
+
+def test_a_cascade_of_ties_is_a_valid_selection_and_a_wrong_one_is_not(lite_model):
+    """The check that excuses tie cascades (near-equal overlapping boxes: either may survive NMS,
+    and what it suppresses follows) accepts the right selection and refuses wrong ones."""
+    config = PostprocessConfig()
+    images = sample_images((320, 320), 1)
+    scores, boxes = eager_reference(lite_model, config).raw(images)
+    got = eager_reference(lite_model, config)(images).image(0)
+    assert verify.valid_selection(got, scores[0], boxes[0], config) is None
+    # Scores moved within the tolerance: still a valid selection.
+    best = int(np.argmax(scores[0, :, got.labels[0]]))
+    twin_scores = scores[0].copy()
+    twin_scores[best, got.labels[0]] += 1e-6
+    assert verify.valid_selection(got, twin_scores, boxes[0], config) is None
+    # A wrong one: a detection dropped, another that it overlapped kept, or an IoU threshold of 0.3.
+    dropped = verify.Outputs(got.num_detections - 1, got.boxes[1:], got.scores[1:], got.labels[1:])
+    assert "neither kept nor suppressed" in verify.valid_selection(dropped, scores[0], boxes[0], config)
+    strict = PostprocessConfig(iou_threshold=0.3)
+    assert verify.valid_selection(got, scores[0], boxes[0], strict) is not None
 
 
 def _explain(reference: Reference, model, config: PostprocessConfig) -> str:
