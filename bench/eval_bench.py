@@ -61,22 +61,15 @@ def make_synth_checkpoint() -> Path:
 
 
 def make_coco_checkpoint(seed: int = 0) -> Path:
-    """The random SSDlite of coco-mini's classes (as tests/helpers.py ``calibrated``)."""
+    """The random SSDlite of coco-mini's classes (bench/models.py ``random_model``)."""
     if COCO_CHECKPOINT.is_file():
         return COCO_CHECKPOINT
-    import torch
-
-    from export.exporter import sample_images
-    from model import build_model
+    from bench.models import random_model
     from model.checkpoint import atomic_save
     from model.data import open_dataset
-    from model.train import recompute_batch_norm
 
     classes = open_dataset(COCO_MINI, "val").classes
-    torch.manual_seed(seed)
-    model = build_model(MODEL, len(classes) + 1)
-    images = torch.from_numpy(sample_images(model.input_size, 6, seed=seed + 100))
-    recompute_batch_norm(model, [images.permute(0, 3, 1, 2).float() / 255.0])
+    model = random_model(MODEL, len(classes) + 1, seed)
     state = {"model": model.state_dict(), "model_name": MODEL, "num_classes": len(classes) + 1}
     atomic_save(state | {"classes": classes, "scale_set": None, "epoch": 0, "metrics": {}}, COCO_CHECKPOINT)
     return COCO_CHECKPOINT

@@ -28,6 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from model.config import PostprocessConfig
+from model.evaluation import box_iou
 
 
 class VerificationError(RuntimeError):
@@ -140,17 +141,6 @@ def compare_image(
                 )
 
 
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """[len(a), len(b)] IoU of xyxy boxes; 0 where a box has no area."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(axis=2)
-    area_a = np.clip(a[:, 2:] - a[:, :2], 0, None).prod(axis=1)
-    area_b = np.clip(b[:, 2:] - b[:, :2], 0, None).prod(axis=1)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-
-
 def valid_selection(
     got: Outputs,
     scores: np.ndarray,
@@ -196,7 +186,7 @@ def valid_selection(
     for group in range(columns.shape[1]):
         column = columns[:, group]
         mine = np.array(kept.get(group, []), dtype=np.int64)
-        overlap = _iou(boxes[mine], boxes[mine])
+        overlap = box_iou(boxes[mine], boxes[mine])
         np.fill_diagonal(overlap, 0.0)
         if (overlap > config.iou_threshold + iou_atol).any():
             return f"two detections of class {group} overlap by IoU {overlap.max():.3f}: NMS would keep one"
@@ -205,7 +195,7 @@ def valid_selection(
         left_out = np.setdiff1d(left_out, mine)
         if not len(left_out):
             continue
-        suppressed = (_iou(boxes[left_out], boxes[mine]) > config.iou_threshold - iou_atol) & (
+        suppressed = (box_iou(boxes[left_out], boxes[mine]) > config.iou_threshold - iou_atol) & (
             column[mine][None, :] >= column[left_out][:, None] - score_atol
         )
         missing = left_out[~suppressed.any(axis=1)] if len(mine) else left_out

@@ -268,7 +268,7 @@ def _xywh(boxes: np.ndarray) -> list[list[float]]:
     return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).tolist()
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of [N, 4] and [M, 4] xyxy boxes, continuous coordinates -> [N, M]; 0 where the union is 0."""
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
@@ -285,7 +285,7 @@ def _match_image(boxes: np.ndarray, gt_boxes: np.ndarray, gt_ignored: np.ndarray
     outcomes = np.full(len(boxes), _FALSE_POSITIVE, dtype=np.int8)
     if len(gt_boxes) == 0:
         return outcomes
-    iou = _box_iou(boxes, gt_boxes)
+    iou = box_iou(boxes, gt_boxes)
     # The devkit's argmax, except that on an exact tie a regular box wins over an ignored one
     # (as in COCOeval): an ignored duplicate of a box must not swallow its detection.
     regular = np.where(gt_ignored[None, :], -1.0, iou)
