@@ -27,7 +27,7 @@ from model.config import PostprocessConfig
 from model.postprocess import select_detections
 
 from .reference import Raw, Reference
-from .verify import BOX_ATOL, SCORE_ATOL, Outputs, Report, compare_image
+from .verify import BOX_ATOL, SCORE_ATOL, Outputs, Report, candidates, compare_image
 
 # Float rounding through a whole network moves a raw score by up to ~1e-4 (a handful of the ~10^6
 # values of a batch), which verification only sees where such a score is a detection: the raw
@@ -47,26 +47,17 @@ class _Image:
     final: list[tuple[int, int, float]]  # (group, prior, score), the first K
 
 
-def _columns(scores: np.ndarray, config: PostprocessConfig) -> np.ndarray:
-    """[N, G]: per class, or one column of each box's best class (class-agnostic)."""
-    return scores.max(axis=1, keepdims=True) if config.class_agnostic else scores
-
-
 def _select_image(scores: np.ndarray, boxes: np.ndarray, config: PostprocessConfig) -> _Image:
-    columns = _columns(scores, config)
-    k = min(config.topk_candidates, columns.shape[0])
-    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    candidates, survivors, pool = {}, {}, []
-    for group in range(columns.shape[1]):
+    columns, entering = candidates(scores, boxes, config)
+    groups, survivors, pool = {}, {}, []
+    for group, top in enumerate(entering):
         column = columns[:, group]
-        top = np.argsort(-column, kind="stable")[:k]
-        top = top[(column[top] > config.score_threshold) & nonempty[top]]
-        candidates[group] = (top, column[top])
+        groups[group] = (top, column[top])
         kept = nms(torch.from_numpy(boxes[top]), torch.from_numpy(column[top]), config.iou_threshold).numpy()
         survivors[group] = (top[kept], column[top[kept]])
         pool += [(group, int(p), float(s)) for p, s in zip(top[kept], column[top[kept]], strict=True)]
     pool.sort(key=lambda t: -t[2])
-    return _Image(candidates, survivors, pool[: config.max_detections])
+    return _Image(groups, survivors, pool[: config.max_detections])
 
 
 def _sets_differ(

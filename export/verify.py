@@ -141,6 +141,22 @@ def compare_image(
                 )
 
 
+def candidates(
+    scores: np.ndarray, boxes: np.ndarray, config: PostprocessConfig
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """One image's NMS input, as the selection forms it: the scored columns [N, G] (per class, or
+    each box's best class when class-agnostic) and, per column, the boxes that enter NMS, best
+    first (its top k, above the threshold, not empty)."""
+    columns = scores.max(axis=1, keepdims=True) if config.class_agnostic else scores
+    k = min(config.topk_candidates, columns.shape[0])
+    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    groups = []
+    for column in columns.T:
+        top = np.argsort(-column, kind="stable")[:k]
+        groups.append(top[(column[top] > config.score_threshold) & nonempty[top]])
+    return columns, groups
+
+
 def valid_selection(
     got: Outputs,
     scores: np.ndarray,
@@ -164,10 +180,9 @@ def valid_selection(
     """
     if (np.diff(got.scores) > 0).any():
         return "scores are not in descending order"
-    columns = scores.max(axis=1, keepdims=True) if config.class_agnostic else scores
+    columns, entering = candidates(scores, boxes, config)
     best = scores.argmax(axis=1)
     k = min(config.topk_candidates, columns.shape[0])
-    nonempty = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
     floor = got.scores[-1] - score_atol if len(got.scores) == config.max_detections else -np.inf
     kept: dict[int, list[int]] = {}
     for j, (label, box, score) in enumerate(zip(got.labels, got.boxes, got.scores, strict=True)):
@@ -190,9 +205,8 @@ def valid_selection(
         np.fill_diagonal(overlap, 0.0)
         if (overlap > config.iou_threshold + iou_atol).any():
             return f"two detections of class {group} overlap by IoU {overlap.max():.3f}: NMS would keep one"
-        top = np.argsort(-column, kind="stable")[:k]
-        left_out = top[(column[top] > config.score_threshold) & nonempty[top] & (column[top] > floor)]
-        left_out = np.setdiff1d(left_out, mine)
+        left_out = entering[group]
+        left_out = np.setdiff1d(left_out[column[left_out] > floor], mine)
         if not len(left_out):
             continue
         suppressed = (box_iou(boxes[left_out], boxes[mine]) > config.iou_threshold - iou_atol) & (

@@ -58,15 +58,18 @@ class ModelInfo:
         out["model"] = self.name  # a model name like "1e5" must stay a string
         return out
 
-    def below_floor(self, threshold: float) -> str | None:
-        """Why ``threshold`` cannot be honoured, or None: the graph keeps only scores above its own
-        ``score_threshold``, so a lower threshold would silently get that floor. At it is fine."""
-        if threshold >= self.score_threshold:
-            return None
-        return (
-            f"score_threshold {threshold} is below this model's floor of {self.score_threshold} "
-            "(the threshold baked into the artifact)"
-        )
+    def threshold(self, requested: float | None, default: float) -> float:
+        """The score threshold to apply: ``requested``, or ``default`` raised to the artifact's
+        floor. The graph keeps only scores above its own ``score_threshold``, so a requested
+        threshold below it would silently get that floor: ValueError saying so. At it is fine."""
+        if requested is None:
+            return max(default, self.score_threshold)
+        if requested < self.score_threshold:
+            raise ValueError(
+                f"score_threshold {requested} is below this model's floor of {self.score_threshold} "
+                "(the threshold baked into the artifact)"
+            )
+        return requested
 
 
 @dataclass

@@ -99,18 +99,6 @@ def _class_filter(classes: str | None, info: ModelInfo) -> set[int] | None:
     return {info.classes.index(n) for n in names}
 
 
-def _threshold(requested: float | None, default: float, info: ModelInfo) -> float:
-    """The request's score threshold. Below the artifact's floor is refused (the graph has already
-    dropped those scores); a default below it (SSD_SCORE_THRESHOLD, warned about at load) is raised
-    to the floor."""
-    if requested is None:
-        return max(default, info.score_threshold)
-    problem = info.below_floor(requested)
-    if problem:
-        raise APIError(422, problem, "invalid_parameters")
-    return requested
-
-
 def _result(upload: Upload, image: Decoded, found: Detections, threshold: float, limit: int,
             keep: set[int] | None) -> dict[str, Any]:  # fmt: skip
     detections = found.to_json(image.width, image.height, threshold, limit, keep)
@@ -149,7 +137,10 @@ async def detect(
             422, f"max_detections: at most {info.max_detections} for this model", "invalid_parameters"
         )
     keep = _class_filter(classes, info)
-    threshold = _threshold(score_threshold, state.settings.score_threshold, info)
+    try:  # a default below the artifact's floor is raised to it (and warned about at load)
+        threshold = info.threshold(score_threshold, state.settings.score_threshold)
+    except ValueError as exc:
+        raise APIError(422, str(exc), "invalid_parameters") from None
     deadline = time.monotonic() + state.settings.request_timeout_s
 
     uploads = await _uploads(request, state)

@@ -88,12 +88,10 @@ def run(args: argparse.Namespace) -> int:
     except (ArtifactError, ValueError) as exc:
         print(f"ssd predict: {exc}", file=sys.stderr)
         return 2
-    threshold = args.score_threshold
-    if threshold is None:
-        threshold = max(DEFAULT_SCORE_THRESHOLD, detector.info.score_threshold)
-    problem = detector.info.below_floor(threshold)
-    if problem:  # before any image is read: the artifact has already dropped those scores
-        print(f"ssd predict: {problem}", file=sys.stderr)
+    try:  # before any image is read: the artifact has already dropped lower scores
+        threshold = detector.info.threshold(args.score_threshold, DEFAULT_SCORE_THRESHOLD)
+    except ValueError as exc:
+        print(f"ssd predict: {exc}", file=sys.stderr)
         return 2
     paths = [Path(p) for p in args.images]
     results = detect_files(detector, paths, threshold)
