@@ -17,7 +17,15 @@ SERVING = {
         "the service under load: closed and open loop, beside the ONNX session and the peers",
     ),
     "overload": ("bench.overload", "open loop at twice capacity: fast 503s, bounded latency, flat memory"),
-    "soak": ("bench.soak", "10 minutes at 70% of capacity: no errors, no memory growth"),
+    "soak": ("bench.soak", "10 minutes at 70%% of capacity: no errors, no memory growth"),
+    "slow-clients": (
+        "bench.slow_clients",
+        "slow-header and slow-body attackers: all cut on time, normal requests unharmed",
+    ),
+    "hostile": (
+        "bench.hostile",
+        "hostile inputs and clients beside normal load: the contract's answers, bounded memory",
+    ),
 }
 TORCH = {
     "train": (

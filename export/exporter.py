@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 DETECTION_OUTPUTS = ["num_detections", "boxes", "scores", "labels"]
+# The class count, carried by the graph itself (shared/design.md, "The model artifact"): an int64
+# [C] initializer 0..C-1, listed as an optional graph input so that ONNX Runtime shows its shape
+# (InferenceSession.get_overridable_initializers) to a service without the onnx package. The
+# service refuses an artifact whose ``classes`` metadata disagrees with it: metadata is easy to
+# edit, the network's class axis is not.
+CLASS_IDS = "class_ids"
 RAW_OUTPUTS = ["boxes", "scores"]
 
 
@@ -82,7 +88,15 @@ def build_onnx(model: SSD, options: ExportOptions, example_batch: int = 2) -> on
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # one line per weight below float16's smallest normal
             proto = to_float16(proto)
+    mark_class_count(proto, model.num_classes - 1)
     return proto
+
+
+def mark_class_count(proto: onnx.ModelProto, count: int) -> None:
+    """Bake the class count (background excluded) into ``proto`` as ``CLASS_IDS``."""
+    graph = proto.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(np.arange(count, dtype=np.int64), CLASS_IDS))
+    graph.input.append(onnx.helper.make_tensor_value_info(CLASS_IDS, onnx.TensorProto.INT64, [count]))
 
 
 def sample_images(
@@ -172,8 +186,11 @@ def _diagnosis(
     config: PostprocessConfig,
 ) -> str:
     """Where the two pipelines part (diagnose.py), from a raw export of the same network."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # not the warning that CLASS_IDS is an input (on purpose)
     raw = ort.InferenceSession(
         build_onnx(model, ExportOptions(config, raw=True)).SerializeToString(),
+        options,
         providers=["CPUExecutionProvider"],
     )
 

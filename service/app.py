@@ -8,7 +8,6 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -19,12 +18,14 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from . import errors
 from .artifact import ArtifactError
 from .batcher import Batcher
+from .decoding import Decoder
 from .detect import detect
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import ObservabilityMiddleware
 from .runtime import GPURequired, ModelRuntime
 from .settings import Settings
+from .slow_clients import BodyRateGuard
 from .state import State, StateDep
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_queue_size=settings.max_queue_size,
             max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         )
-        decode_pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
-        app.state.service = State(settings, metrics, runtime, batcher, decode_pool, time.time())
+        decoder = Decoder(
+            settings.decode_threads,
+            settings.decode_budget_mb * 1024 * 1024,
+            settings.max_image_pixels,
+            metrics,
+        )
+        app.state.service = State(settings, metrics, runtime, batcher, decoder, time.time())
         try:
             await runtime.load(initial=True)
         except GPURequired:
@@ -62,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             metrics.ready.set(0)
             await runtime.stop()
             await batcher.stop(settings.shutdown_timeout_s)
-            decode_pool.shutdown(wait=False)
+            decoder.shutdown()
 
     app = FastAPI(
         title="SSD detector",
@@ -72,6 +78,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         redoc_url=None,
     )
     errors.install(app)
+    # Inside the metrics middleware (added after it, so nearer the routes): its 408s are counted and logged.
+    app.add_middleware(BodyRateGuard, timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)
     # Registered on the app itself (not through an APIRouter) so that the metrics middleware
     # can name the route from app.router.routes.
@@ -81,11 +89,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _add_operational_routes(app: FastAPI) -> None:
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(state: StateDep) -> JSONResponse:
         if state.runtime.ready:
             return JSONResponse({"status": "ready"})
@@ -95,12 +103,12 @@ def _add_operational_routes(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics(state: StateDep) -> Response:
         state.metrics.queue_depth.set(len(state.batcher))
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.get("/model")
+    @app.api_route("/model", methods=["GET", "HEAD"])
     async def model(state: StateDep) -> dict[str, Any]:
         detector = state.runtime.detector
         if detector is None:
@@ -122,9 +130,10 @@ def _add_operational_routes(app: FastAPI) -> None:
         token = state.settings.admin_token
         if token is None:
             raise APIError(403, "reload is disabled: no SSD_ADMIN_TOKEN is configured", "forbidden")
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {token.get_secret_value()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        # RFC 9110: the scheme is case-insensitive ("bearer" is as good as "Bearer").
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        expected = token.get_secret_value()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
             raise APIError(403, "a valid bearer token is required", "forbidden")
         try:
             detector = await state.runtime.load()
@@ -138,6 +147,6 @@ def _add_operational_routes(app: FastAPI) -> None:
 
     page = resources.files("service").joinpath("index.html").read_text()
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)

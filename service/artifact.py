@@ -22,6 +22,9 @@ import onnxruntime as ort
 log = logging.getLogger(__name__)
 
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
+# The graph's own class count: an int64 [C] initializer the exporter lists as an optional input,
+# whose shape ONNX Runtime shows (export/exporter.py CLASS_IDS; shared/design.md).
+CLASS_IDS = "class_ids"
 REQUIRED_METADATA = ("classes", "model", "input_size", "score_threshold", "iou_threshold", "max_detections")
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -57,6 +60,14 @@ class ModelInfo:
                 out[key] = value
         out["model"] = self.name  # a model name like "1e5" must stay a string
         return out
+
+    def label(self, class_id: int) -> str:
+        """The name of ``class_id``. An artifact whose graph has more classes than its metadata
+        names is refused at load when the graph carries its class count; an older one that does
+        not cannot fail a request for it: the id stands in for the missing name."""
+        if 0 <= class_id < len(self.classes):
+            return self.classes[class_id]
+        return f"class_{class_id}"
 
     def threshold(self, requested: float | None, default: float) -> float:
         """The score threshold to apply: ``requested``, or ``default`` raised to the artifact's
@@ -102,7 +113,7 @@ class Detections:
             x1, y1, x2, y2 = box
             out.append(
                 {
-                    "label": self.model.classes[label],
+                    "label": self.model.label(label),
                     "class_id": label,
                     "score": round(score, 5),
                     "box": [
@@ -197,6 +208,7 @@ class Detector:
         meta = dict(self.session.get_modelmeta().custom_metadata_map)
         parsed = _parse_metadata(path, meta)
         self._check_signature(path, parsed["input_size"])
+        self._check_class_count(path, parsed["classes"])
         self.info = ModelInfo(
             path=str(path),
             sha256=hashlib.sha256(data).hexdigest(),
@@ -222,6 +234,25 @@ class Detector:
         names = tuple(o.name for o in self.session.get_outputs())
         if names != OUTPUTS:
             raise ArtifactError(f"{path}: outputs {list(names)}, expected {list(OUTPUTS)}")
+
+    def _check_class_count(self, path: Path, classes: list[str]) -> None:
+        shapes = [arg.shape for arg in self.session.get_overridable_initializers() if arg.name == CLASS_IDS]
+        if not shapes:
+            log.warning(
+                "%s does not carry its class count (exported before it did): its 'classes' metadata "
+                "(%d names) cannot be checked against the graph",
+                path,
+                len(classes),
+            )
+            return
+        shape = shapes[0]
+        if len(shape) != 1 or not isinstance(shape[0], int):
+            raise ArtifactError(f"{path}: '{CLASS_IDS}' has shape {shape}, expected [number of classes]")
+        if shape[0] != len(classes):
+            raise ArtifactError(
+                f"{path}: its metadata names {len(classes)} classes but its graph has {shape[0]}; "
+                "the 'classes' metadata must list one name per class the network predicts"
+            )
 
     def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
         """uint8 [B, H, W, 3] -> the four padded outputs."""

@@ -192,11 +192,12 @@ class Batcher:
         now = time.monotonic()
         while self._queue and len(batch) < self.max_batch_size:
             item = self._queue.popleft()
-            if item.future.done():  # cancelled: the client went away
-                self.metrics.rejected.labels("disconnected").inc()
-            elif now > item.deadline:
+            # Dropped: cancelled (the client went away) or past its deadline. The request counts
+            # itself in detector_rejected_requests_total, once, however many images it had.
+            if item.future.done():
+                continue
+            if now > item.deadline:
                 item.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
-                self.metrics.rejected.labels("deadline").inc()
             else:
                 batch.append(item)
                 self.metrics.queue_wait.observe(now - item.enqueued)

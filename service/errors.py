@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +20,7 @@ _CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameters",
+    499: "client_disconnected",
     500: "internal_error",
     503: "unavailable",
     504: "deadline_exceeded",
@@ -63,6 +65,12 @@ def install(app: FastAPI) -> None:
             str(exc.detail),
             getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # No one reads this answer; its status is what the metrics and the access log record
+        # (nginx's 499), so that a client leaving never looks like a server error.
+        return error_response(499, "client_disconnected", "the client closed the connection")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .artifact import ArtifactError, Detector
+from .memory import release_free_memory
 from .metrics import Metrics
 from .settings import Settings
 
@@ -119,6 +120,9 @@ class ModelRuntime:
                 raise ArtifactError(f"{path} failed to load or warm up: {exc}") from exc
             self._swap(detector)
             self._stamp = stamp
+            # The previous session's memory (or a refused one's) goes back to the system, so that
+            # the next reload's peak (two sessions at once) starts from one model's worth.
+            await asyncio.get_running_loop().run_in_executor(None, release_free_memory, True)
             if not initial:
                 self.metrics.reloads.labels("success").inc()
             return detector

@@ -34,6 +34,17 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(0.0, ge=0)  # watch the artifact file; 0 = do not watch
     # Beyond the contract:
     decode_threads: int = Field(4, ge=1)  # image decoding and resizing
+    # The estimated peak memory of the images being decoded at once (decoded pixels times the
+    # bytes per pixel of their mode); an image that would pass it waits for its turn, one larger
+    # than all of it decodes alone.
+    decode_budget_mb: int = Field(384, ge=1)
+    # Slow clients, cut off by ssd serve itself (a proxy in front is welcome, not required):
+    # From the connection (or a kept-alive one's next first byte) to the end of the request's headers:
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(10.0, gt=0)  # a body may take this long, plus 1 s per min_body_rate bytes
+    min_body_rate: int = Field(32 * 1024, ge=1)  # bytes/s
+    keepalive_timeout_s: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this
+    max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line and headers; past it, 431
     shutdown_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long queued work may take
     log_json: bool = False  # one JSON object per log line
 

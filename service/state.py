@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from .batcher import Batcher
+from .decoding import Decoder
 from .metrics import Metrics
 from .runtime import ModelRuntime
 from .settings import Settings
@@ -20,7 +20,7 @@ class State:
     metrics: Metrics
     runtime: ModelRuntime
     batcher: Batcher
-    decode_pool: ThreadPoolExecutor
+    decoder: Decoder
     started_at: float
 
 

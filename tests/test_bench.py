@@ -200,3 +200,16 @@ def test_bench_overload_refuses_fast_and_soak_stays_clean(tmp_path):
     _bench(tmp_path, "soak", "--capacity", "20", "--minutes", "0.05")
     soak = json.loads((tmp_path / "soak.json").read_text())
     assert soak["errors"] == 0 and soak["soak"]["ok"] == soak["soak"]["requests"] > 0
+
+
+def test_bench_help_lists_every_benchmark(capsys):
+    import cli
+    from bench.cli import SERVING, TORCH
+
+    with pytest.raises(
+        SystemExit
+    ) as exit_info:  # argparse's help expands every help text (a bare % broke it)
+        cli.main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in [*SERVING, *TORCH])

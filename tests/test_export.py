@@ -90,8 +90,12 @@ def test_export_writes_a_checked_self_describing_artifact(artifact, checkpoint):
     ops = {n.op_type for n in proto.graph.node}
     assert {"NonMaxSuppression", "TopK", "Softmax", "Cast"} <= ops
     # The batch dimension is symbolic on the input and every output.
-    for value in [*proto.graph.input, *proto.graph.output]:
+    images = [i for i in proto.graph.input if i.name == "images"]
+    for value in [*images, *proto.graph.output]:
         assert value.type.tensor_type.shape.dim[0].dim_param, value.name
+    # The class count is the graph's own, beside the metadata (the service checks one against the other).
+    class_ids = [i for i in proto.graph.initializer if i.name == "class_ids"]
+    assert onnx.numpy_helper.to_array(class_ids[0]).tolist() == list(range(len(json.loads(meta["classes"]))))
     assert not list(artifact.parent.glob(".*.tmp"))  # the temporary file is gone
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import shutil
@@ -101,6 +102,10 @@ def test_operational_routes(served_artifact):
             response = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
             assert response.headers["x-request-id"] == "abc-123"
             assert len((await client.get("/healthz")).headers["x-request-id"]) == 32
+            # Load balancers and uptime checks probe with HEAD.
+            for path in ("/healthz", "/readyz", "/", "/model", "/metrics"):
+                head = await client.head(path)
+                assert head.status_code == 200 and head.content == b"", path
 
     run(go())
 
@@ -252,13 +257,20 @@ def test_bad_input_gets_clear_errors_and_the_service_keeps_serving(served_artifa
             assert_error(
                 await client.post("/detect", content=b"hello", headers={"Content-Type": "text/plain"}), 415
             )
+            # Bytes that are no image format at all: 400, whatever the declared type.
             assert_error(
-                await client.post("/detect", content=b"just text", headers={"Content-Type": "image/png"}), 415
+                await client.post("/detect", content=b"just text", headers={"Content-Type": "image/png"}),
+                400,
+                "invalid_image",
             )
             error = assert_error(
-                await client.post("/detect", files=[("file", ("notes.txt", b"just text", "text/plain"))]), 415
+                await client.post("/detect", files=[("file", ("notes.txt", b"just text", "text/plain"))]), 400
             )
             assert "notes.txt" in error["message"]
+            # A known format outside the allow-list: 415, named, and never handed to Ghostscript.
+            eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nnewpath 0 0 moveto showpage\n"
+            error = assert_error(await client.post("/detect", content=eps, headers=jpeg), 415)
+            assert "EPS" in error["message"]
             assert_error(await client.post("/detect", files={"other": ("a.jpg", good, "image/jpeg")}), 422)
             for params in ({"score_threshold": 1.5}, {"score_threshold": "x"}, {"max_detections": 0},
                            {"max_detections": 201}, {"classes": "dog"}):  # fmt: skip
@@ -439,6 +451,11 @@ def test_reload_is_guarded_and_swaps_without_failures(served_artifact, tmp_path)
         async with serving(settings(model, admin_token="s3cret", max_queue_wait_ms=0)) as client:
             assert_error(await client.post("/model/reload"), 403)
             assert_error(await client.post("/model/reload", headers={"Authorization": "Bearer wrong"}), 403)
+            assert_error(await client.post("/model/reload", headers={"Authorization": "Basic s3cret"}), 403)
+            # The scheme is case-insensitive (RFC 9110).
+            assert (
+                await client.post("/model/reload", headers={"Authorization": "bearer s3cret"})
+            ).status_code == 200
             before = (await client.get("/model")).json()["sha256"]
 
             async def load(n: int) -> list[int]:
@@ -467,9 +484,56 @@ def test_reload_is_guarded_and_swaps_without_failures(served_artifact, tmp_path)
                 await client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
             ).status_code == 200
             text = (await client.get("/metrics")).text
-            assert metric(text, 'detector_model_reloads_total{result="success"}') == 1
+            assert metric(text, 'detector_model_reloads_total{result="success"}') == 2
             assert metric(text, 'detector_model_reloads_total{result="failure"}') == 1
             assert 'version="v2"' in text
+
+    run(go())
+
+
+def with_classes(source: Path, target: Path, classes: list[str], graph_count: bool = True) -> None:
+    """``source`` with other ``classes`` metadata; without ``graph_count``, also without the class
+    count the exporter bakes into the graph (an artifact exported before it did)."""
+    proto = onnx.load(source)
+    (prop,) = [p for p in proto.metadata_props if p.key == "classes"]
+    prop.value = json.dumps(classes)
+    if not graph_count:
+        for field in (proto.graph.input, proto.graph.initializer):
+            (marker,) = [v for v in field if v.name == "class_ids"]
+            field.remove(marker)
+    onnx.save(proto, target)
+
+
+def test_an_artifact_whose_classes_disagree_with_its_graph_is_refused(served_artifact, tmp_path, caplog):
+    model = tmp_path / "model.onnx"
+    shutil.copy(served_artifact, model)
+    image = encode(scene(seed=3))
+
+    async def go():
+        async with serving(settings(model, admin_token="t", score_threshold=0.01)) as client:
+            with_classes(served_artifact, model, ["circle"])
+            error = assert_error(
+                await client.post("/model/reload", headers={"Authorization": "Bearer t"}),
+                422,
+                "invalid_artifact",
+            )
+            assert "names 1 classes but its graph has 6" in error["message"]
+            assert (await client.get("/readyz")).status_code == 200
+            found = (await client.post("/detect", content=image, headers=JPEG)).json()["results"][0][
+                "detections"
+            ]
+            assert found and {d["label"] for d in found} <= set(CLASSES)
+
+        # An older artifact cannot be checked: it loads with a warning, and a label without a name
+        # is answered by its id, never a 500.
+        with_classes(served_artifact, model, ["circle"], graph_count=False)
+        with caplog.at_level(logging.WARNING, logger="service.artifact"):
+            async with serving(settings(model, score_threshold=0.01)) as client:
+                response = await client.post("/detect", content=image, headers=JPEG)
+                assert response.status_code == 200, response.text
+                labels = {d["label"] for d in response.json()["results"][0]["detections"]}
+                assert labels - {"circle"} and all(n.startswith("class_") for n in labels - {"circle"})
+        assert "does not carry its class count" in caplog.text
 
     run(go())
 
