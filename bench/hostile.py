@@ -1141,12 +1141,12 @@ def unloaded_latencies(base_url: str, photo: bytes, count: int, warmup: int = 5)
 
 
 def _default_env(token: str) -> dict[str, str]:
-    """The service's own defaults for what the peer command sets for throughput benchmarks (a
-    larger queue, no wait bound): this one measures the service as deployed."""
+    """The service's own default for what the peer command sets for throughput benchmarks (a
+    larger queue): this one measures the service as deployed."""
     from service.settings import Settings
 
     env = {"SSD_ADMIN_TOKEN": token}
-    for name in ("max_queue_size", "max_queue_wait_ms"):
+    for name in ("max_queue_size",):
         if name in Settings.model_fields:
             env[f"SSD_{name.upper()}"] = str(Settings.model_fields[name].default)
     return env

@@ -36,7 +36,14 @@ def main(args: argparse.Namespace) -> int:
             f"ssd bench overload: capacity {peak} images/s; at half: {json.dumps(unloaded)}", file=sys.stderr
         )
         with MemorySampler(server, every=1.0) as memory:
-            loaded, result = measure(server, images, Pace(rate=args.factor * peak), args.seconds, warmup=0)
+            loaded, result = measure(
+                server,
+                images,
+                Pace(rate=args.factor * peak),
+                args.seconds,
+                warmup=0,
+                timeout_ms=args.timeout_ms,
+            )
         series = timeline(result, 1.0, memory)
     answered = loaded["p99_ms"]
     report = run.header | {

@@ -29,7 +29,8 @@ def main(args: argparse.Namespace) -> int:
     run = LoadRun.prepare(args)
     seconds = args.minutes * 60
     with run.server("soak") as server, MemorySampler(server, every=5.0) as memory:
-        summary, result = measure(server, run.images, Pace(rate=args.fraction * run.peak), seconds, warmup=0)
+        pace = Pace(rate=args.fraction * run.peak)
+        summary, result = measure(server, run.images, pace, seconds, warmup=0, timeout_ms=args.timeout_ms)
     series = timeline(result, 10.0, memory)
     errors = sum(summary["errors"].values())
     report = run.header | {

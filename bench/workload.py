@@ -48,11 +48,29 @@ class Pace:
         )
 
 
+def with_query(request: bytes, query: str) -> bytes:
+    """``request`` (raw HTTP/1.1) with ``query`` added to its request line's path."""
+    line, rest = request.split(b"\r\n", 1)
+    method, target, version = line.split(b" ")
+    joiner = b"&" if b"?" in target else b"?"
+    return b" ".join((method, target + joiner + query.encode(), version)) + b"\r\n" + rest
+
+
 def measure(
-    server: Server, images: list[bytes], pace: Pace, seconds: float, warmup: float = 3.0
+    server: Server,
+    images: list[bytes],
+    pace: Pace,
+    seconds: float,
+    warmup: float = 3.0,
+    timeout_ms: float | None = None,
 ) -> tuple[dict[str, object], loadgen.Result]:
-    """One load point against ``server``: summary (throughput, latency, errors, batches, memory)."""
+    """One load point against ``server``: summary (throughput, latency, errors, batches, memory).
+    ``timeout_ms``: every request carries that deadline (ours only: peers have no such parameter)."""
     requests = tuple(server.peer.request(image, server.port) for image in images)
+    if timeout_ms is not None:
+        if server.peer.name != "ours":
+            raise ValueError(f"{server.peer.name} takes no per-request deadline")
+        requests = tuple(with_query(r, f"timeout_ms={timeout_ms:g}") for r in requests)
 
     def load(duration: float) -> loadgen.Load:
         return loadgen.Load(
@@ -174,10 +192,10 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
         help="length of the capacity (and unloaded) measurement",
     )
     parser.add_argument(
-        "--max-queue-wait-ms", type=float, default=None, help="SSD_MAX_QUEUE_WAIT_MS (default: the service's)"
+        "--max-queue", type=int, default=None, help="SSD_MAX_QUEUE_SIZE (default: the service's)"
     )
     parser.add_argument(
-        "--max-queue", type=int, default=None, help="SSD_MAX_QUEUE_SIZE (default: the service's)"
+        "--timeout-ms", type=float, default=None, help="every request's deadline (default: the service's)"
     )
     add_server_options(parser)
     parser.add_argument("--out", default="runs/bench")
@@ -189,8 +207,6 @@ def admission_env(args: argparse.Namespace) -> dict[str, str]:
     from service.settings import Settings
 
     env = {"SSD_MAX_QUEUE_SIZE": str(args.max_queue or Settings.model_fields["max_queue_size"].default)}
-    if args.max_queue_wait_ms is not None:
-        env["SSD_MAX_QUEUE_WAIT_MS"] = str(args.max_queue_wait_ms)
     return env
 
 

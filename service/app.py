@@ -44,8 +44,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             max_batch_size=settings.max_batch_size,
             max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
             max_queue_size=settings.max_queue_size,
-            max_queue_wait_s=settings.max_queue_wait_ms / 1000.0,
         )
+        runtime.on_swap = batcher.calibrate
         decoder = Decoder(
             settings.decode_threads,
             settings.decode_budget_mb * 1024 * 1024,

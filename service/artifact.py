@@ -218,8 +218,6 @@ class Detector:
             **parsed,
         )
         self.load_seconds = time.perf_counter() - started
-        # Seconds per run by batch size, from the warm-up; the batcher keeps them current.
-        self.batch_seconds: dict[int, float] = {}
 
     def _check_signature(self, path: Path, input_size: tuple[int, int]) -> None:
         inputs = self.session.get_inputs()

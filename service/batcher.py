@@ -1,33 +1,41 @@
-"""Dynamic batching with Triton's semantics, on the event loop, inference off it.
+"""Dynamic batching with deadlines: on the event loop, inference off it (one thread).
 
-One queue of images. A batch leaves when ``max_batch_size`` images wait, or when the oldest has
-waited ``max_queue_delay``. While a batch runs (in one inference thread), new images queue up, so
-under load the next batch leaves full at once: batches grow with the load, and a lone request
-waits at most the delay. A request's images are separate items: they may span batches, and each
-has its own future, so results come back in the request's order whatever the batching.
+**Continuous batching.** A request runs as soon as the executor is free: an idle service never
+waits for company. While a batch runs, the images that arrive queue up and leave together as the
+next batch the moment it ends, so batches grow with the load by themselves. The only wait is
+for company known to be coming: when the executor is free, the queue holds less than a full batch
+and other admitted images are still being decoded, the batch waits for them up to
+``max_queue_delay`` after its oldest image was queued.
 
-Before a batch runs, items whose client went away (future cancelled) or whose deadline passed
-(``DeadlineExceeded``) are dropped.
+**Deadlines decide admission.** Every request carries its deadline (its arrival plus its timeout).
+The batcher knows how long a batch of each size takes on the current model (measured at
+warm-up by the runtime, then a moving average over the batches run: ``BatchTimes``), so it can
+tell when a newcomer would finish: after the batch running now, then the images ahead of it (queued
+or being decoded) in full batches, then its own. ``admit`` refuses a request whose estimate is past
+its deadline (``Overloaded``, with the estimated drain time for ``Retry-After``) before any work is
+spent on it, and counts its images in the queue from then on. ``max_queue_size`` is only a memory
+bound, set high enough that deadlines decide in ordinary use.
 
-Admission happens at the door, before decoding (``reserve``), so that an overloaded service does
-not spend the CPU its queue needs on images it will refuse. ``QueueFull`` is raised at once when the
-images queued or being decoded would pass ``max_queue_size``, or, with ``max_queue_wait``, when
-they would wait longer than that: a bound in time holds on any hardware, where a bound in images
-means 0.1 s on a GPU and a second on a small CPU. The wait is estimated from the seconds a batch
-of each size takes (measured at warm-up, then a moving average over the batches run), as the
-batches the queue ahead will make: full ones, then the rest. An estimate from the recent rate
-alone would be that of batches of one at light load, and would refuse a burst the batches it
-forms can absorb.
+**Every later step re-checks.** A request whose images would now finish past the deadline
+is refused when it joins the queue (``Ticket.submit``), and an image whose deadline can no longer
+be kept is dropped when a batch is formed (``DeadlineExceeded``, 504), as is one whose client
+went away (its future cancelled). Under saturation a batch is cut short when a full one would
+make the images at the head of the queue miss their deadlines while a smaller one would not.
+
+A request's images are separate items: they may span batches, and each has its own future, so
+results come back in the request's order whatever the batching.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,8 +46,20 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 
-class QueueFull(Exception):
-    pass
+class Refused(Exception):
+    """Refused at the door (503): ``retry_after`` is the estimated drain time, whole seconds >= 1."""
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFull(Refused):
+    """More images queued or being decoded than ``max_queue_size`` (a memory bound)."""
+
+
+class Overloaded(Refused):
+    """The request would finish past its deadline."""
 
 
 class DeadlineExceeded(Exception):
@@ -50,12 +70,69 @@ class ShuttingDown(Exception):
     pass
 
 
+class BatchTimes:
+    """Seconds per batch size on the current model: the warm-up's measurements, then a moving
+    average over the batches run."""
+
+    def __init__(self) -> None:
+        self._seconds: dict[int, float] = {}
+
+    def reset(self, seconds: dict[int, float]) -> None:
+        self._seconds = dict(seconds)
+
+    def record(self, size: int, seconds: float) -> None:
+        old = self._seconds.get(size)
+        self._seconds[size] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def __bool__(self) -> bool:
+        return bool(self._seconds)
+
+    def of(self, size: int) -> float:
+        """One batch of ``size`` (0 when nothing is measured yet: admission cannot refuse)."""
+        times = self._seconds
+        if size <= 0 or not times:
+            return 0.0
+        if size in times:
+            return times[size]
+        # Unmeasured: from the nearest smaller size, linearly (batching is sublinear, so this errs
+        # on the long side), or for a size below every measured one, the smallest's time.
+        below = [k for k in times if k < size]
+        if below:
+            k = max(below)
+            return times[k] * size / k
+        return times[min(times)]
+
+    def drain(self, images: int, max_batch: int) -> float:
+        """Running ``images`` queued images: full batches, then the rest."""
+        full, rest = divmod(max(images, 0), max_batch)
+        return full * self.of(max_batch) + self.of(rest)
+
+
 @dataclass
 class _Item:
     pixels: np.ndarray  # uint8 [H, W, 3]
     future: asyncio.Future[Detections]
-    enqueued: float  # time.monotonic()
+    enqueued: float
     deadline: float
+
+
+class Ticket:
+    """An admitted request: its images count in the queue until submitted or the ticket ends."""
+
+    def __init__(self, batcher: Batcher, count: int, deadline: float) -> None:
+        self._batcher = batcher
+        self.count = count
+        self.deadline = deadline
+        self.pending = count  # admitted images not yet submitted
+
+    def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[Detections]]:
+        """Queue the decoded images; their futures, in order. Raises DeadlineExceeded when they
+        would now finish past the deadline, ShuttingDown when the service is stopping."""
+        if len(images) > self.pending:
+            raise ValueError(f"{len(images)} images submitted on a ticket for {self.pending}")
+        self.pending -= len(images)
+        self._batcher._reserved -= len(images)
+        return self._batcher._enqueue(images, self.deadline)
 
 
 class Batcher:
@@ -65,17 +142,20 @@ class Batcher:
         metrics: Metrics,
         max_batch_size: int = 8,
         max_queue_delay_s: float = 0.005,
-        max_queue_size: int = 64,
-        max_queue_wait_s: float = 0.0,
+        max_queue_size: int = 256,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._detector = detector  # read at each batch: a reload swaps it between batches
         self.metrics = metrics
         self.max_batch_size = max_batch_size
         self.max_delay = max_queue_delay_s
         self.max_queue_size = max_queue_size
-        self.max_queue_wait = max_queue_wait_s  # 0: bounded in images only
+        self.clock = clock
+        self.times = BatchTimes()
+        self._timed: Detector | None = None  # the model the times are of
         self._queue: deque[_Item] = deque()
-        self._reserved = 0  # images admitted by reserve() and not yet submitted (being decoded)
+        self._reserved = 0  # images admitted and not yet submitted (being read or decoded)
+        self._busy_until: float | None = None  # estimated end of the batch running now
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -86,70 +166,70 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def estimated_wait(self, images: int) -> float | None:
-        """Seconds until ``images`` queued images would have run, so that one behind them could
-        start: from the current model's batch times (None before any is known)."""
-        detector = self._detector()
-        times = getattr(detector, "batch_seconds", None)
-        if not times:
-            return None
+    def calibrate(self, detector: Detector, seconds: dict[int, float]) -> None:
+        """A newly loaded model and its warm-up's seconds per batch size (the runtime's hook)."""
+        self._timed = detector
+        self.times.reset(seconds)
 
-        def seconds(size: int) -> float:
-            if size in times:
-                return times[size]
-            # Unmeasured size: from the nearest measured one, linearly (batching is sublinear,
-            # so this errs on the long side) or, for a smaller size, the same time.
-            below = [k for k in times if k < size]
-            if below:
-                k = max(below)
-                return times[k] * size / k
-            return times[min(times)]
+    # --- Estimates and admission ------------------------------------------------------------
 
-        if images <= 0:
-            return 0.0
-        full, rest = divmod(images, self.max_batch_size)
-        return full * seconds(self.max_batch_size) + (seconds(rest) if rest else 0.0)
+    def _drain_seconds(self, extra: int = 0) -> float:
+        """Seconds from now until the running batch, everything queued or being decoded and
+        ``extra`` more images have run."""
+        now = self.clock()
+        running = max(0.0, self._busy_until - now) if self._busy_until is not None else 0.0
+        return running + self.times.drain(len(self._queue) + self._reserved + extra, self.max_batch_size)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+    def estimated_completion(self, count: int) -> float:
+        """When ``count`` images admitted now would be done (the clock's time)."""
+        return self.clock() + self._drain_seconds(count)
 
-    def reserve(self, count: int) -> None:
-        """Admit ``count`` images before they are decoded, or raise QueueFull or ShuttingDown.
+    def retry_after(self) -> int:
+        """Whole seconds until the work ahead has drained: at least 1."""
+        return max(1, math.ceil(self._drain_seconds()))
 
-        The caller then ``submit``s them with ``reserved=True``, or ``release``s them."""
+    def check(self, count: int, deadline: float) -> None:
+        """Would ``count`` images admitted now make ``deadline``? Raises Overloaded, QueueFull or
+        ShuttingDown; reserves nothing (for the door, before a request's body is read)."""
         if self._stopping:
             raise ShuttingDown("the service is shutting down")
         ahead = len(self._queue) + self._reserved
         if ahead + count > self.max_queue_size:
-            raise QueueFull(f"{ahead} images queued or decoding, limit {self.max_queue_size}")
-        if self.max_queue_wait:
-            # The request's last image waits for everything ahead of it, its own first images included.
-            wait = self.estimated_wait(ahead + count - 1)
-            if wait is not None and wait > self.max_queue_wait:
-                raise QueueFull(
-                    f"{ahead} images ahead: about {wait * 1000:.0f} ms of waiting, "
-                    f"limit {self.max_queue_wait * 1000:.0f} ms"
-                )
+            raise QueueFull(
+                f"{ahead} images queued or decoding, limit {self.max_queue_size}", self.retry_after()
+            )
+        finish = self.estimated_completion(count)
+        if finish > deadline:
+            raise Overloaded(
+                f"{ahead} images ahead: the request would finish in about "
+                f"{(finish - self.clock()) * 1000:.0f} ms, past its deadline in "
+                f"{max(0.0, deadline - self.clock()) * 1000:.0f} ms",
+                self.retry_after(),
+            )
+
+    @asynccontextmanager
+    async def admit(self, count: int, deadline: float) -> AsyncIterator[Ticket]:
+        """Admit ``count`` images due by ``deadline`` (``check``'s refusals), counted as queued
+        from now until submitted; those never submitted (decoding failed, the client left) are
+        given back when the block ends."""
+        self.check(count, deadline)
         self._reserved += count
+        ticket = Ticket(self, count, deadline)
+        try:
+            yield ticket
+        finally:
+            self._reserved -= ticket.pending
+            ticket.pending = 0
+            self._wake.set()  # a batch waiting for these images need not wait any more
 
-    def release(self, count: int) -> None:
-        """Give back a reservation whose images will not be submitted (they failed to decode)."""
-        self._reserved -= count
-
-    def submit(
-        self, images: Sequence[np.ndarray], deadline: float, reserved: bool = False
-    ) -> list[asyncio.Future[Detections]]:
-        """Queue one request's images; their futures, in order. Without a reservation, admits them
-        first (raises QueueFull or ShuttingDown)."""
-        if reserved:
-            self._reserved -= len(images)
-            if self._stopping:
-                raise ShuttingDown("the service is shutting down")
-        else:
-            self.reserve(len(images))
-            self._reserved -= len(images)
+    def _enqueue(self, images: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Detections]]:
+        if self._stopping:
+            raise ShuttingDown("the service is shutting down")
+        # The images ahead plus these, from now: past the deadline, no point in queueing them.
+        if self.times and self.estimated_completion(len(images)) > deadline:
+            raise DeadlineExceeded("the request would finish past its deadline: dropped before inference")
         loop = asyncio.get_running_loop()
-        now = time.monotonic()
+        now = self.clock()
         futures = []
         for pixels in images:
             future: asyncio.Future[Detections] = loop.create_future()
@@ -158,6 +238,16 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._queue))
         self._wake.set()
         return futures
+
+    def submit(self, images: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Detections]]:
+        """Admit and queue in one step (for callers with decoded images in hand)."""
+        self.check(len(images), deadline)
+        return self._enqueue(images, deadline)
+
+    # --- The loop ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def stop(self, timeout_s: float) -> None:
         """Refuse new work, finish what is queued (up to ``timeout_s``), then stop."""
@@ -175,10 +265,16 @@ class Batcher:
         self._queue.clear()
         self._executor.shutdown(wait=False)
 
-    async def _wait_for_batch(self) -> None:
-        """Return when a full batch waits, the oldest image has waited the delay, or on stop."""
-        while len(self._queue) < self.max_batch_size and not self._stopping:
-            remaining = self._queue[0].enqueued + self.max_delay - time.monotonic()
+    async def _wait_for_company(self) -> None:
+        """The executor is free: wait only while admitted images are still on their way and the
+        batch is not full, at most until the oldest queued image has waited the delay."""
+        while (
+            self._queue
+            and self._reserved > 0
+            and len(self._queue) < self.max_batch_size
+            and not self._stopping
+        ):
+            remaining = self._queue[0].enqueued + self.max_delay - self.clock()
             if remaining <= 0:
                 return
             self._wake.clear()
@@ -188,19 +284,27 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Item]:
+        """The next batch: live images from the head of the queue, as many as fit the batch size
+        and the deadlines of those taken."""
+        now = self.clock()
         batch: list[_Item] = []
-        now = time.monotonic()
+        due = math.inf  # the earliest deadline in the batch
         while self._queue and len(batch) < self.max_batch_size:
-            item = self._queue.popleft()
-            # Dropped: cancelled (the client went away) or past its deadline. The request counts
-            # itself in detector_rejected_requests_total, once, however many images it had.
-            if item.future.done():
+            item = self._queue[0]
+            if item.future.done():  # cancelled: the client went away (the request counts it)
+                self._queue.popleft()
                 continue
-            if now > item.deadline:
+            if now + self.times.of(1) > item.deadline:  # cannot make it even alone
+                self._queue.popleft()
                 item.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
-            else:
-                batch.append(item)
-                self.metrics.queue_wait.observe(now - item.enqueued)
+                continue
+            # One more image must not make the batch miss a deadline it would keep without it.
+            if batch and now + self.times.of(len(batch) + 1) > min(due, item.deadline):
+                break
+            self._queue.popleft()
+            batch.append(item)
+            due = min(due, item.deadline)
+            self.metrics.queue_wait.observe(now - item.enqueued)
         self.metrics.queue_depth.set(len(self._queue))
         return batch
 
@@ -213,7 +317,7 @@ class Batcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await self._wait_for_batch()
+            await self._wait_for_company()
             batch = self._take()
             if not batch:
                 continue
@@ -224,6 +328,7 @@ class Batcher:
                 continue
             pixels = np.stack([item.pixels for item in batch])
             started = time.perf_counter()
+            self._busy_until = self.clock() + self.times.of(len(batch))
             try:
                 results = await loop.run_in_executor(self._executor, detector.detect, pixels)
             except Exception as exc:
@@ -232,12 +337,12 @@ class Batcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
+            finally:
+                self._busy_until = None
             elapsed = time.perf_counter() - started
             self.metrics.inference.observe(elapsed)
-            times = getattr(detector, "batch_seconds", None)
-            if times is not None:
-                size = len(batch)
-                times[size] = elapsed if size not in times else 0.8 * times[size] + 0.2 * elapsed
+            if detector is self._timed:  # not a batch of the model a reload just replaced
+                self.times.record(len(batch), elapsed)
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batches.inc()
             self.metrics.images.inc(len(batch))

@@ -1,6 +1,18 @@
 """``POST /detect``: read the images (service/uploads.py), decode them within the decode budget
 (service/decoding.py), queue them for the batcher, answer with the contract's JSON.
 
+A request's deadline is its arrival (its headers read) plus ``timeout_ms`` (default
+``SSD_REQUEST_TIMEOUT_S``). It is checked at every step, so that work that cannot be answered in
+time is never done:
+
+- at the door, before the body is read: a request whose first image could not finish in time is
+  refused (503 with ``Retry-After``, and ``Connection: close``: its body is never read). The image
+  count of a multipart body is not known before it is read, so the door admits one image's worth
+  and the batcher checks the whole count once the body is in, before any decoding;
+- while decoding, and in the queue: the deadline passing, or the client leaving, stops the
+  request's work where it is (decoding not started is not started, images queued are dropped
+  before inference): 504, or 499 for a client that is gone.
+
 Every request refused or dropped before its answer counts once in
 ``detector_rejected_requests_total{reason}``, whatever its number of images.
 """
@@ -8,6 +20,7 @@ Every request refused or dropped before its answer counts once in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Annotated, Any
 
@@ -16,7 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from .artifact import Detections, ModelInfo
-from .batcher import DeadlineExceeded, QueueFull, ShuttingDown
+from .batcher import DeadlineExceeded, QueueFull, Refused, ShuttingDown
 from .errors import APIError
 from .images import Decoded, ImageError
 from .state import State, StateDep
@@ -46,21 +59,12 @@ def _result(upload: Upload, image: Decoded, found: Detections, threshold: float,
     }
 
 
-async def _decode(
-    state: State, uploads: list[Upload], input_size: tuple[int, int], deadline: float
-) -> list[Decoded]:
-    """Decode every upload (in the decode threads, within the budget) by the deadline; the first
-    bad image, in the request's order, is the answer (4xx naming it)."""
-    decoding = asyncio.gather(
+async def _decode(state: State, uploads: list[Upload], input_size: tuple[int, int]) -> list[Decoded]:
+    """Decode every upload (in the decode threads, within the budget); the first bad image, in
+    the request's order, is the answer (4xx naming it)."""
+    outcomes = await asyncio.gather(
         *(state.decoder.decode(u.data, input_size) for u in uploads), return_exceptions=True
     )
-    try:
-        outcomes = await asyncio.wait_for(decoding, max(0.0, deadline - time.monotonic()))
-    except TimeoutError:
-        state.metrics.rejected.labels("deadline").inc()
-        raise APIError(
-            504, "the deadline passed before the images were decoded", "deadline_exceeded"
-        ) from None
     for upload, outcome in zip(uploads, outcomes, strict=True):
         if isinstance(outcome, ImageError):
             name = f"{upload.filename}: " if upload.filename else ""
@@ -70,39 +74,68 @@ async def _decode(
     return outcomes  # type: ignore[return-value]
 
 
-async def _results(
-    request: Request, state: State, futures: list[asyncio.Future[Detections]], deadline: float
-) -> list[Detections]:
-    """Wait for the batcher's answers, the deadline or the client's leaving, whichever is first."""
-    results = asyncio.gather(*futures)
-    # Retrieved here whatever happens, so that a late failure is never "never retrieved".
-    results.add_done_callback(lambda f: f.cancelled() or f.exception())
-    watcher = asyncio.ensure_future(_until_disconnect(request))
+async def _run(
+    state: State, uploads: list[Upload], input_size: tuple[int, int], deadline: float
+) -> tuple[list[Decoded], list[Detections]]:
+    """Admission, decoding and inference of one request's images."""
+    async with state.batcher.admit(len(uploads), deadline) as ticket:
+        images = await _decode(state, uploads, input_size)
+        futures = ticket.submit([d.pixels for d in images])
     try:
-        done, _ = await asyncio.wait(
-            {results, watcher},
-            timeout=max(0.0, deadline - time.monotonic()),
-            return_when=asyncio.FIRST_COMPLETED,
-        )
-        if results not in done:
-            for f in futures:
-                f.cancel()  # the batcher drops cancelled images before inference
-            results.cancel()
-            if watcher in done:
-                state.metrics.rejected.labels("disconnected").inc()
-                raise ClientDisconnect()
-            state.metrics.rejected.labels("deadline").inc()
-            raise APIError(504, f"no answer within {state.settings.request_timeout_s} s", "deadline_exceeded")
-        return results.result()
-    except DeadlineExceeded as exc:
+        return images, list(await asyncio.gather(*futures))
+    except BaseException:
         for f in futures:
-            f.cancel()
-        state.metrics.rejected.labels("deadline").inc()
-        raise APIError(504, str(exc), "deadline_exceeded") from exc
-    except ShuttingDown as exc:
-        raise APIError(503, str(exc), "shutting_down", {"Retry-After": "5"}) from exc
-    finally:
-        watcher.cancel()
+            f.cancel()  # the batcher drops cancelled images before inference
+        raise
+
+
+def _refusal(state: State, exc: Exception, body_read: bool) -> APIError:
+    """The 503 or 504 for a request the batcher refused or dropped, counted once."""
+    if isinstance(exc, Refused):
+        code = "queue_full" if isinstance(exc, QueueFull) else "overloaded"
+        state.metrics.rejected.labels(code).inc()
+        headers = {"Retry-After": str(exc.retry_after)}
+        if not body_read:
+            headers["Connection"] = "close"  # answered without reading the body: do not read it
+        return APIError(503, f"{exc}; retry in about {exc.retry_after} s", code, headers)
+    if isinstance(exc, ShuttingDown):
+        state.metrics.rejected.labels("shutting_down").inc()
+        return APIError(503, str(exc), "shutting_down", {"Retry-After": "5"})
+    state.metrics.rejected.labels("deadline").inc()
+    return APIError(504, str(exc), "deadline_exceeded")
+
+
+async def _skip_body(request: Request, limits: Limits) -> bool:
+    """Before refusing a request at the door: a client that sent ``Expect: 100-continue`` has
+    not sent its body and will not (it gets the answer instead of the 100); any other is sending
+    it now, and closing the connection under it would reset it before it reads the answer (as
+    HTTP clients write the whole body before reading), so the body is read and dropped, never
+    kept, within the body limits and the slow-client clock. Whether the body was read."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return False
+    read = 0
+    with contextlib.suppress(ClientDisconnect):
+        async for chunk in request.stream():
+            read += len(chunk)
+            if read > limits.multipart_bytes:
+                return False  # past any limit: close the connection rather than read on
+    return True
+
+
+def _deadline(request: Request, state: State, timeout_ms: float | None) -> float:
+    """The request's deadline: its arrival (set by the observability middleware as the headers are
+    read) plus ``timeout_ms``, which may shorten ``SSD_REQUEST_TIMEOUT_S`` but not pass it."""
+    limit = state.settings.request_timeout_s
+    if timeout_ms is not None and timeout_ms > limit * 1000:
+        raise APIError(
+            422, f"timeout_ms: at most {limit * 1000:g} (SSD_REQUEST_TIMEOUT_S)", "invalid_parameters"
+        )
+    arrival = getattr(request.state, "arrival", None) or time.monotonic()
+    return arrival + (timeout_ms / 1000 if timeout_ms is not None else limit)
+
+
+def _timeout_text(request: Request, state: State, timeout_ms: float | None) -> str:
+    return f"{timeout_ms:g} ms" if timeout_ms is not None else f"{state.settings.request_timeout_s:g} s"
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -122,6 +155,10 @@ async def detect(
     ] = None,
     max_detections: Annotated[int | None, Query(ge=1)] = None,
     classes: Annotated[str | None, Query(description="comma-separated class names to keep")] = None,
+    timeout_ms: Annotated[
+        float | None,
+        Query(gt=0, allow_inf_nan=False, description="the request's deadline from its arrival, ms"),
+    ] = None,
 ) -> JSONResponse:
     detector = state.runtime.detector
     if detector is None:
@@ -136,32 +173,46 @@ async def detect(
         threshold = info.threshold(score_threshold, state.settings.score_threshold)
     except ValueError as exc:
         raise APIError(422, str(exc), "invalid_parameters") from None
-    deadline = time.monotonic() + state.settings.request_timeout_s
+    deadline = _deadline(request, state, timeout_ms)
 
     limits = Limits(state.settings.max_image_bytes, state.settings.max_images_per_request)
+    try:  # at the door: one image's worth, before a byte of the body is read
+        state.batcher.check(1, deadline)
+    except (Refused, ShuttingDown) as exc:
+        raise _refusal(state, exc, body_read=await _skip_body(request, limits)) from exc
     try:
         uploads = await read_uploads(request, limits)
     except ClientDisconnect:
         state.metrics.rejected.labels("disconnected").inc()
         raise  # answered 499 (service/errors.py)
+
+    work = asyncio.ensure_future(_run(state, uploads, info.input_size, deadline))
+    watcher = asyncio.ensure_future(_until_disconnect(request))
     try:
-        # At the door, before decoding: an image that cannot be queued is refused for free.
-        state.batcher.reserve(len(uploads))
-        try:
-            images = await _decode(state, uploads, info.input_size, deadline)
-        except BaseException:
-            state.batcher.release(len(uploads))
-            raise
-        futures = state.batcher.submit([d.pixels for d in images], deadline, reserved=True)
-    except QueueFull as exc:
-        state.metrics.rejected.labels("queue_full").inc()
+        await asyncio.wait(
+            {work, watcher},
+            timeout=max(0.0, deadline - time.monotonic()),
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        watcher.cancel()
+    if not work.done():
+        work.cancel()  # decoding not started never starts; queued images are dropped
+        with contextlib.suppress(BaseException):
+            await work
+        if watcher.done() and not watcher.cancelled():
+            state.metrics.rejected.labels("disconnected").inc()
+            raise ClientDisconnect()
+        state.metrics.rejected.labels("deadline").inc()
         raise APIError(
-            503, f"the queue is full ({exc}); retry shortly", "queue_full", {"Retry-After": "1"}
-        ) from exc
-    except ShuttingDown as exc:
-        state.metrics.rejected.labels("shutting_down").inc()
-        raise APIError(503, str(exc), "shutting_down", {"Retry-After": "5"}) from exc
-    found = await _results(request, state, futures, deadline)
+            504,
+            f"no answer within the request's deadline ({_timeout_text(request, state, timeout_ms)})",
+            "deadline_exceeded",
+        )
+    try:
+        images, found = work.result()
+    except (Refused, ShuttingDown, DeadlineExceeded) as exc:
+        raise _refusal(state, exc, body_read=True) from exc
     limit = max_detections or info.max_detections
     body = [_result(u, d, f, threshold, limit, keep) for u, d, f in zip(uploads, images, found, strict=True)]
     for r in body:

@@ -84,6 +84,8 @@ class ObservabilityMiddleware:
         route = self._route(scope)
         status = 500
         started = time.perf_counter()
+        # The request's arrival (its headers just read): deadlines count from here.
+        scope.setdefault("state", {})["arrival"] = time.monotonic()
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

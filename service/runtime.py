@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,9 +45,17 @@ def _stamp(path: str) -> _FileStamp | None:
 
 
 class ModelRuntime:
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        on_swap: Callable[[Detector, dict[int, float]], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        # Told of each model swapped in, with its warm-up's seconds per batch size (the batcher's
+        # estimates start from them).
+        self.on_swap = on_swap
         self.detector: Detector | None = None
         self.loaded_at: float | None = None
         self._lock = asyncio.Lock()
@@ -57,8 +66,9 @@ class ModelRuntime:
     def ready(self) -> bool:
         return self.detector is not None
 
-    def _load(self, path: str) -> Detector:
-        """Load, check the providers, warm up every batch size: runs in a worker thread."""
+    def _load(self, path: str) -> tuple[Detector, dict[int, float]]:
+        """Load, check the providers, warm up every batch size: runs in a worker thread. The
+        detector, and the seconds a run of each batch size took once warm."""
         s = self.settings
         detector = Detector(path, providers=s.providers, intra_op_threads=s.intra_op_threads)
         if s.require_gpu and "CUDAExecutionProvider" not in detector.providers:
@@ -68,12 +78,13 @@ class ModelRuntime:
             )
         height, width = detector.info.input_size
         started = time.perf_counter()
+        seconds: dict[int, float] = {}
         for batch in range(1, s.max_batch_size + 1):
             images = np.zeros((batch, height, width, 3), dtype=np.uint8)
             detector.run(images)  # the first run of a shape allocates and picks kernels
             timed = time.perf_counter()
             detector.run(images)
-            detector.batch_seconds[batch] = time.perf_counter() - timed
+            seconds[batch] = time.perf_counter() - timed
         log.info(
             "model %s (%s, sha256 %s) on %s, warmed up for batches 1..%d in %.2f s",
             detector.info.name,
@@ -93,9 +104,11 @@ class ModelRuntime:
                 floor,
                 floor,
             )
-        return detector
+        return detector, seconds
 
-    def _swap(self, detector: Detector) -> None:
+    def _swap(self, detector: Detector, seconds: dict[int, float]) -> None:
+        if self.on_swap is not None:
+            self.on_swap(detector, seconds)
         self.detector = detector
         self.loaded_at = time.time()
         info = detector.info
@@ -109,7 +122,7 @@ class ModelRuntime:
         async with self._lock:
             stamp = _stamp(path)
             try:
-                detector = await asyncio.get_running_loop().run_in_executor(None, self._load, path)
+                detector, seconds = await asyncio.get_running_loop().run_in_executor(None, self._load, path)
             except Exception as exc:
                 if not initial:
                     self.metrics.reloads.labels("failure").inc()
@@ -118,7 +131,7 @@ class ModelRuntime:
                     raise
                 # ORT failing in warm-up, out of memory, ...
                 raise ArtifactError(f"{path} failed to load or warm up: {exc}") from exc
-            self._swap(detector)
+            self._swap(detector, seconds)
             self._stamp = stamp
             # The previous session's memory (or a refused one's) goes back to the system, so that
             # the next reload's peak (two sessions at once) starts from one model's worth.

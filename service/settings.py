@@ -19,11 +19,10 @@ class Settings(BaseSettings):
     require_gpu: bool = False  # refuse to start when the CUDA provider did not load
     max_batch_size: int = Field(8, ge=1, le=256)
     max_queue_delay_ms: float = Field(5.0, ge=0)
-    max_queue_size: int = Field(64, ge=1)  # images waiting; past it, 503
-    # Refuse (503) images that would wait longer than this, estimated from the measured batch times; 0: off.
-    # 500 ms: bursts of a few batches pass on a 2-core CPU; lower it for tighter latency under
-    # overload at the cost of more 503s (the trade is measured in docs/benchmarks.md).
-    max_queue_wait_ms: float = Field(500.0, ge=0)
+    # Images queued or being decoded at most: a memory bound, high enough that deadlines, not the
+    # count, decide admission in ordinary use (256 images of 320x320 are 79 MB of pixels).
+    max_queue_size: int = Field(256, ge=1)
+    # The default deadline of a request, from its arrival; a request's timeout_ms may only shorten it.
     request_timeout_s: float = Field(10.0, gt=0)
     max_image_bytes: int = Field(20 * MB, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from service.artifact import Detections
-from service.batcher import Batcher, DeadlineExceeded, QueueFull, ShuttingDown
+from service.batcher import Batcher, DeadlineExceeded, Overloaded, QueueFull, ShuttingDown
 from service.metrics import Metrics
 
 
@@ -63,19 +63,43 @@ def test_a_full_batch_leaves_at_once_and_results_keep_their_order():
     asyncio.run(go())
 
 
-def test_a_lone_image_waits_the_delay_and_a_request_may_span_batches():
+def test_an_idle_executor_runs_a_lone_image_at_once_and_a_request_may_span_batches():
     async def go():
         fake = FakeDetector()
-        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=3, max_queue_delay_s=0.05)
+        # A delay of 5 s: were the lone image to wait for company, the test would take 5 s.
+        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=3, max_queue_delay_s=5.0)
         batcher.start()
         started = time.monotonic()
         (alone,) = batcher.submit([image(1)], far())
         await alone
-        assert 0.04 <= time.monotonic() - started < 2
+        assert time.monotonic() - started < 2
         futures = batcher.submit([image(v) for v in range(5)], far())
         results = await asyncio.gather(*futures)
         assert [round(float(r.scores[0]) * 255) for r in results] == list(range(5))
         assert fake.batches == [1, 3, 2]
+        await batcher.stop(1)
+
+    asyncio.run(go())
+
+
+def test_a_batch_waits_only_for_company_known_to_be_coming():
+    async def go():
+        fake = FakeDetector()
+        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=4, max_queue_delay_s=5.0)
+        batcher.start()
+        async with batcher.admit(2, far()) as first, batcher.admit(1, far()) as second:
+            futures = first.submit([image(1), image(2)])
+            await asyncio.sleep(0.05)
+            assert fake.batches == []  # one admitted image is still being decoded: wait for it
+            futures += second.submit([image(3)])
+        await asyncio.gather(*futures)
+        assert fake.batches == [3]
+        # An admitted request that gives up (its decoding failed) releases the wait at once.
+        started = time.monotonic()
+        async with batcher.admit(1, far()) as done, batcher.admit(1, far()):
+            futures = done.submit([image(4)])
+        await asyncio.gather(*futures)
+        assert time.monotonic() - started < 2 and fake.batches == [3, 1]
         await batcher.stop(1)
 
     asyncio.run(go())
@@ -141,35 +165,77 @@ def test_the_queue_is_bounded_and_stop_drains_it():
     asyncio.run(go())
 
 
-def test_admission_counts_images_still_decoding_and_bounds_the_wait_in_time():
+class Clock:
+    """Controlled time for the batcher's decisions (its waits still run on the event loop)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_admission_estimates_completion_from_batch_times_and_refuses_past_the_deadline():
     async def go():
-        fake = FakeDetector(seconds=0.05)
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics(), max_batch_size=4, max_queue_size=100, clock=clock)
         # As measured at warm-up: batching is sublinear (4 images take 0.2 s one by one, 0.1 s together).
-        fake.batch_seconds = {1: 0.05, 4: 0.1}
-        batcher = Batcher(
-            lambda: fake,
-            Metrics(),
-            max_batch_size=4,
-            max_queue_delay_s=0.001,
-            max_queue_size=100,
-            max_queue_wait_s=0.22,
-        )
-        # The queue ahead runs as full batches, then the rest: 9 images = 2 x 0.1 + 0.05 s.
-        assert batcher.estimated_wait(9) == pytest.approx(0.25)
-        assert batcher.estimated_wait(2) == pytest.approx(0.1)  # unmeasured: from the size below
-        assert batcher.estimated_wait(0) == 0.0
-        batcher.reserve(5)  # five images being decoded; the fifth waits for four: 0.1 s
-        with pytest.raises(QueueFull, match=r"5 images ahead: about 250 ms of waiting, limit 220 ms"):
-            batcher.reserve(5)  # its last image would wait for nine: 0.25 s
-        batcher.reserve(4)  # its last waits for eight, 0.2 s: within the limit
-        batcher.release(4)  # their decoding failed
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        assert batcher.times.drain(9, 4) == pytest.approx(0.25)  # full batches, then the rest
+        assert batcher.times.of(2) == pytest.approx(0.1)  # unmeasured: from the size below
+        assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.05)
+        async with batcher.admit(5, clock.now + 1.0):  # five images being decoded
+            # A sixth would finish after a full batch and a batch of two: 0.2 s from now.
+            assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.2)
+            batcher.check(1, clock.now + 0.2)
+            with pytest.raises(Overloaded, match="past its deadline") as refused:
+                batcher.check(1, clock.now + 0.19)
+            assert refused.value.retry_after == 1  # whole seconds, at least one
+            async with batcher.admit(90, clock.now + 10):
+                with pytest.raises(QueueFull):  # the memory bound holds whatever the deadline
+                    batcher.check(6, clock.now + 60)
+                assert batcher.retry_after() == 3  # 95 images: 23 x 0.1 + 0.15 s -> 3 s
+        # Given back when the block ends, however it ends.
+        assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.05)
+        with pytest.raises(ValueError, match="submitted on a ticket for 1"):
+            async with batcher.admit(1, clock.now + 1) as ticket:
+                ticket.submit([image(0), image(1)])
+        assert batcher.estimated_completion(0) == pytest.approx(clock.now)
+
+    asyncio.run(go())
+
+
+def test_images_that_would_now_miss_their_deadline_are_dropped_not_queued():
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics(), max_batch_size=4, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        async with batcher.admit(1, clock.now + 0.06) as ticket:
+            clock.now += 0.02  # decoding took 20 ms: 0.05 s of inference no longer fits
+            with pytest.raises(DeadlineExceeded, match="past its deadline"):
+                ticket.submit([image(0)])
+        assert len(batcher) == 0
+
+    asyncio.run(go())
+
+
+def test_under_saturation_a_batch_is_cut_so_that_the_head_keeps_its_deadline():
+    async def go():
+        clock = Clock()
+        fake = FakeDetector()
+        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=4, max_queue_delay_s=0, clock=clock)
+        batcher.calibrate(fake, {1: 0.05, 2: 0.07, 4: 0.1})  # type: ignore[arg-type]
+        # The head must be done in 0.08 s: a batch of 4 (0.1 s) would miss it, one of 2 keeps it.
+        futures = batcher._enqueue([image(1)], clock.now + 0.08)
+        futures += batcher._enqueue([image(2), image(3), image(4)], clock.now + 60)
+        # One that can no longer make it even alone is dropped when the batch is formed.
+        (late,) = batcher._enqueue([image(5)], clock.now + 60)
+        batcher._queue[-1].deadline = clock.now + 0.01
         batcher.start()
-        futures = batcher.submit([image(v) for v in (3, 4, 5, 6, 7)], far(), reserved=True)
-        assert [round(float(r.scores[0]) * 255) for r in await asyncio.gather(*futures)] == [3, 4, 5, 6, 7]
-        # The batches run update the times: a batch of 4 took ~0.05 s here, not 0.1.
-        assert fake.batch_seconds[4] < 0.1
-        batcher.reserve(9)  # the queue drained: room again (eight ahead of the last)
-        batcher.release(9)
-        await batcher.stop(5)
+        await asyncio.gather(*futures)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        assert fake.batches == [2, 2]
+        await batcher.stop(1)
 
     asyncio.run(go())

@@ -213,3 +213,12 @@ def test_bench_help_lists_every_benchmark(capsys):
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert all(name in out for name in [*SERVING, *TORCH])
+
+
+def test_with_query_adds_a_deadline_to_a_raw_request():
+    from bench.workload import with_query
+
+    raw = b"POST /detect HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nab"
+    assert with_query(raw, "timeout_ms=300").startswith(b"POST /detect?timeout_ms=300 HTTP/1.1\r\nHost: x")
+    assert with_query(with_query(raw, "a=1"), "b=2").split(b" ")[1] == b"/detect?a=1&b=2"
+    assert with_query(raw, "a=1").endswith(b"\r\n\r\nab")
