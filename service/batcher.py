@@ -11,10 +11,11 @@ and other admitted images are still being decoded, the batch waits for them up t
 The batcher knows how long a batch of each size takes on the current model (measured at
 warm-up by the runtime, then a moving average over the batches run: ``BatchTimes``), so it can
 tell when a newcomer would finish: after the batch running now, then the images ahead of it (queued
-or being decoded) in full batches, then its own. ``admit`` refuses a request whose estimate is past
-its deadline (``Overloaded``, with the estimated drain time for ``Retry-After``) before any work is
-spent on it, and counts its images in the queue from then on. ``max_queue_size`` is only a memory
-bound, set high enough that deadlines decide in ordinary use.
+or being decoded) in full batches, then its own, after its decoding (the caller's ``lead_s``).
+``admit`` refuses a request whose estimate is past its deadline, with about a batch to spare
+(``Overloaded``, with the estimated drain time for ``Retry-After``) before any work is spent on
+it, and counts its images in the queue from then on. ``max_queue_size`` is only a memory bound,
+set high enough that deadlines decide in ordinary use.
 
 **Every later step re-checks.** A request whose images would now finish past the deadline
 is refused when it joins the queue (``Ticket.submit``), and an image whose deadline can no longer
@@ -119,11 +120,16 @@ class _Item:
 class Ticket:
     """An admitted request: its images count in the queue until submitted or the ticket ends."""
 
-    def __init__(self, batcher: Batcher, count: int, deadline: float) -> None:
+    def __init__(self, batcher: Batcher, count: int, deadline: float, estimate: float) -> None:
         self._batcher = batcher
         self.count = count
         self.deadline = deadline
+        self.estimate = estimate  # when the batch times alone expected it done (the batcher's clock)
         self.pending = count  # admitted images not yet submitted
+
+    def done(self) -> None:
+        """The request's images have all been answered: how late the estimate was, learnt."""
+        self._batcher._learn(self._batcher.clock() - self.estimate)
 
     def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[Detections]]:
         """Queue the decoded images; their futures, in order. Raises DeadlineExceeded when they
@@ -156,6 +162,7 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._reserved = 0  # images admitted and not yet submitted (being read or decoded)
         self._busy_until: float | None = None  # estimated end of the batch running now
+        self._lateness = 0.0  # how late estimates have recently been (see _learn)
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -181,16 +188,25 @@ class Batcher:
         return running + self.times.drain(len(self._queue) + self._reserved + extra, self.max_batch_size)
 
     def estimated_completion(self, count: int) -> float:
-        """When ``count`` images admitted now would be done (the clock's time)."""
-        return self.clock() + self._drain_seconds(count)
+        """When ``count`` images admitted now would be done (the clock's time): from the batch
+        times, plus how late such estimates have recently been (HTTP, JSON and the event loop's
+        own delays are in no batch time)."""
+        return self.clock() + self._drain_seconds(count) + self._lateness
+
+    def _learn(self, late: float) -> None:
+        # A moving average of how much later than the batch times alone predicted admitted
+        # requests finished (never below 0: an early finish only means there was room). It is
+        # learnt from the raw estimate, not the corrected one, so it cannot feed on itself.
+        self._lateness = max(0.0, 0.9 * self._lateness + 0.1 * late)
 
     def retry_after(self) -> int:
         """Whole seconds until the work ahead has drained: at least 1."""
         return max(1, math.ceil(self._drain_seconds()))
 
-    def check(self, count: int, deadline: float) -> None:
-        """Would ``count`` images admitted now make ``deadline``? Raises Overloaded, QueueFull or
-        ShuttingDown; reserves nothing (for the door, before a request's body is read)."""
+    def check(self, count: int, deadline: float, lead_s: float = 0.0) -> None:
+        """Would ``count`` images admitted now, queued after ``lead_s`` (their decoding), make
+        ``deadline``? Raises Overloaded, QueueFull or ShuttingDown; reserves nothing (for the
+        door, before a request's body is read)."""
         if self._stopping:
             raise ShuttingDown("the service is shutting down")
         ahead = len(self._queue) + self._reserved
@@ -198,23 +214,31 @@ class Batcher:
             raise QueueFull(
                 f"{ahead} images queued or decoding, limit {self.max_queue_size}", self.retry_after()
             )
-        finish = self.estimated_completion(count)
-        if finish > deadline:
+        finish = self.estimated_completion(count) + lead_s
+        # The estimate is good to about a batch (which batch the images join, the running one's
+        # end, their decoding): admit with that much to spare, but never more than a quarter of
+        # the time left, so that a short deadline on an idle service is still taken. Without
+        # it, under overload every admitted request was due just at its deadline and a third of
+        # them missed it (504s).
+        now = self.clock()
+        slack = min(self.times.of(self.max_batch_size), 0.25 * max(0.0, deadline - now))
+        if finish + slack > deadline:
             raise Overloaded(
                 f"{ahead} images ahead: the request would finish in about "
-                f"{(finish - self.clock()) * 1000:.0f} ms, past its deadline in "
-                f"{max(0.0, deadline - self.clock()) * 1000:.0f} ms",
+                f"{(finish - now) * 1000:.0f} ms, too close to or past its deadline in "
+                f"{max(0.0, deadline - now) * 1000:.0f} ms",
                 self.retry_after(),
             )
 
     @asynccontextmanager
-    async def admit(self, count: int, deadline: float) -> AsyncIterator[Ticket]:
+    async def admit(self, count: int, deadline: float, lead_s: float = 0.0) -> AsyncIterator[Ticket]:
         """Admit ``count`` images due by ``deadline`` (``check``'s refusals), counted as queued
         from now until submitted; those never submitted (decoding failed, the client left) are
         given back when the block ends."""
-        self.check(count, deadline)
+        self.check(count, deadline, lead_s)
+        raw = self.clock() + self._drain_seconds(count) + lead_s  # without the learnt lateness
+        ticket = Ticket(self, count, deadline, raw)
         self._reserved += count
-        ticket = Ticket(self, count, deadline)
         try:
             yield ticket
         finally:

@@ -86,6 +86,9 @@ class Decoder:
         self.budget = DecodeBudget(budget_bytes)
         self.max_pixels = max_pixels
         self.metrics = metrics
+        # Recent seconds from an image's bytes to its pixels, waits included (a moving average):
+        # admission counts it before a request's images can join the queue.
+        self.typical_seconds = 0.0
 
     async def decode(self, data: bytes, input_size: tuple[int, int]) -> Decoded:
         """Encoded bytes -> pixels at ``input_size``. Raises images.ImageError (4xx)."""
@@ -113,9 +116,11 @@ class Decoder:
 
         work.add_done_callback(release)
         try:
-            return await asyncio.wrap_future(work, loop=loop)
+            decoded = await asyncio.wrap_future(work, loop=loop)
         finally:
             self.metrics.preprocess.observe(time.perf_counter() - started)
+        self.typical_seconds = 0.9 * self.typical_seconds + 0.1 * (time.perf_counter() - started)
+        return decoded
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

@@ -78,11 +78,13 @@ async def _run(
     state: State, uploads: list[Upload], input_size: tuple[int, int], deadline: float
 ) -> tuple[list[Decoded], list[Detections]]:
     """Admission, decoding and inference of one request's images."""
-    async with state.batcher.admit(len(uploads), deadline) as ticket:
+    async with state.batcher.admit(len(uploads), deadline, state.decoder.typical_seconds) as ticket:
         images = await _decode(state, uploads, input_size)
         futures = ticket.submit([d.pixels for d in images])
     try:
-        return images, list(await asyncio.gather(*futures))
+        found = list(await asyncio.gather(*futures))
+        ticket.done()
+        return images, found
     except BaseException:
         for f in futures:
             f.cancel()  # the batcher drops cancelled images before inference
@@ -177,7 +179,7 @@ async def detect(
 
     limits = Limits(state.settings.max_image_bytes, state.settings.max_images_per_request)
     try:  # at the door: one image's worth, before a byte of the body is read
-        state.batcher.check(1, deadline)
+        state.batcher.check(1, deadline, state.decoder.typical_seconds)
     except (Refused, ShuttingDown) as exc:
         raise _refusal(state, exc, body_read=await _skip_body(request, limits)) from exc
     try:

@@ -187,9 +187,12 @@ def test_admission_estimates_completion_from_batch_times_and_refuses_past_the_de
         async with batcher.admit(5, clock.now + 1.0):  # five images being decoded
             # A sixth would finish after a full batch and a batch of two: 0.2 s from now.
             assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.2)
-            batcher.check(1, clock.now + 0.2)
+            # Admitted with a full batch's time (0.1 s) to spare, or a quarter of the time left
+            # where that is less (a short deadline on an idle service is still taken):
+            batcher.check(1, clock.now + 0.3)  # 0.2 + 0.075 <= 0.3
+            batcher.check(1, clock.now + 0.27)  # 0.2 + 0.0675 <= 0.27
             with pytest.raises(Overloaded, match="past its deadline") as refused:
-                batcher.check(1, clock.now + 0.19)
+                batcher.check(1, clock.now + 0.26)  # 0.2 + 0.065 > 0.26
             assert refused.value.retry_after == 1  # whole seconds, at least one
             async with batcher.admit(90, clock.now + 10):
                 with pytest.raises(QueueFull):  # the memory bound holds whatever the deadline
@@ -210,8 +213,8 @@ def test_images_that_would_now_miss_their_deadline_are_dropped_not_queued():
         clock = Clock()
         batcher = Batcher(lambda: None, Metrics(), max_batch_size=4, clock=clock)
         batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
-        async with batcher.admit(1, clock.now + 0.06) as ticket:
-            clock.now += 0.02  # decoding took 20 ms: 0.05 s of inference no longer fits
+        async with batcher.admit(1, clock.now + 0.07) as ticket:  # 0.05 s + 0.0175 to spare
+            clock.now += 0.03  # decoding took 30 ms: 0.05 s of inference no longer fits
             with pytest.raises(DeadlineExceeded, match="past its deadline"):
                 ticket.submit([image(0)])
         assert len(batcher) == 0
@@ -237,5 +240,26 @@ def test_under_saturation_a_batch_is_cut_so_that_the_head_keeps_its_deadline():
             await late
         assert fake.batches == [2, 2]
         await batcher.stop(1)
+
+    asyncio.run(go())
+
+
+def test_the_estimate_learns_how_late_requests_finish_without_feeding_on_itself():
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics(), max_batch_size=4, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        for _ in range(50):  # every request takes 0.05 s longer than its batch times say
+            async with batcher.admit(1, clock.now + 10) as ticket:
+                pass
+            clock.now += 0.05 + 0.05
+            ticket.done()
+        assert batcher.estimated_completion(1) - clock.now == pytest.approx(0.05 + 0.05, abs=0.005)
+        for _ in range(50):  # and now on time: the correction fades, it does not stick
+            async with batcher.admit(1, clock.now + 10) as ticket:
+                pass
+            clock.now += 0.05
+            ticket.done()
+        assert batcher.estimated_completion(1) - clock.now == pytest.approx(0.05, abs=0.005)
 
     asyncio.run(go())
