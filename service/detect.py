@@ -6,9 +6,9 @@ A request's deadline is its arrival (its headers read) plus ``timeout_ms`` (defa
 time is never done:
 
 - at the door, before the body is read: a request whose first image could not finish in time is
-  refused (503 with ``Retry-After``, and ``Connection: close``: its body is never read). The image
-  count of a multipart body is not known before it is read, so the door admits one image's worth
-  and the batcher checks the whole count once the body is in, before any decoding;
+  refused (503 with ``Retry-After``; its body is dropped unread, see ``uploads.discard_body``).
+  The image count of a multipart body is not known before it is read, so the door admits one
+  image's worth and the batcher checks the whole count once the body is in, before any decoding;
 - while decoding, and in the queue: the deadline passing, or the client leaving, stops the
   request's work where it is (decoding not started is not started, images queued are dropped
   before inference): 504, or 499 for a client that is gone.
@@ -33,7 +33,7 @@ from .batcher import DeadlineExceeded, QueueFull, Refused, ShuttingDown
 from .errors import APIError
 from .images import Decoded, ImageError
 from .state import State, StateDep
-from .uploads import Limits, Upload, read_uploads
+from .uploads import Limits, Upload, discard_body, read_uploads
 
 
 def _class_filter(classes: str | None, info: ModelInfo) -> set[int] | None:
@@ -107,23 +107,6 @@ def _refusal(state: State, exc: Exception, body_read: bool) -> APIError:
     return APIError(504, str(exc), "deadline_exceeded")
 
 
-async def _skip_body(request: Request, limits: Limits) -> bool:
-    """Before refusing a request at the door: a client that sent ``Expect: 100-continue`` has
-    not sent its body and will not (it gets the answer instead of the 100); any other is sending
-    it now, and closing the connection under it would reset it before it reads the answer (as
-    HTTP clients write the whole body before reading), so the body is read and dropped, never
-    kept, within the body limits and the slow-client clock. Whether the body was read."""
-    if request.headers.get("expect", "").lower() == "100-continue":
-        return False
-    read = 0
-    with contextlib.suppress(ClientDisconnect):
-        async for chunk in request.stream():
-            read += len(chunk)
-            if read > limits.multipart_bytes:
-                return False  # past any limit: close the connection rather than read on
-    return True
-
-
 def _deadline(request: Request, state: State, timeout_ms: float | None) -> float:
     """The request's deadline: its arrival (set by the observability middleware as the headers are
     read) plus ``timeout_ms``, which may shorten ``SSD_REQUEST_TIMEOUT_S`` but not pass it."""
@@ -134,10 +117,6 @@ def _deadline(request: Request, state: State, timeout_ms: float | None) -> float
         )
     arrival = getattr(request.state, "arrival", None) or time.monotonic()
     return arrival + (timeout_ms / 1000 if timeout_ms is not None else limit)
-
-
-def _timeout_text(request: Request, state: State, timeout_ms: float | None) -> str:
-    return f"{timeout_ms:g} ms" if timeout_ms is not None else f"{state.settings.request_timeout_s:g} s"
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -181,7 +160,7 @@ async def detect(
     try:  # at the door: one image's worth, before a byte of the body is read
         state.batcher.check(1, deadline, state.decoder.typical_seconds)
     except (Refused, ShuttingDown) as exc:
-        raise _refusal(state, exc, body_read=await _skip_body(request, limits)) from exc
+        raise _refusal(state, exc, body_read=await discard_body(request, limits.multipart_bytes)) from exc
     try:
         uploads = await read_uploads(request, limits)
     except ClientDisconnect:
@@ -206,9 +185,10 @@ async def detect(
             state.metrics.rejected.labels("disconnected").inc()
             raise ClientDisconnect()
         state.metrics.rejected.labels("deadline").inc()
+        given = f"{timeout_ms:g} ms" if timeout_ms is not None else f"{state.settings.request_timeout_s:g} s"
         raise APIError(
             504,
-            f"no answer within the request's deadline ({_timeout_text(request, state, timeout_ms)})",
+            f"no answer within the request's deadline ({given})",
             "deadline_exceeded",
         )
     try:

@@ -14,11 +14,13 @@ A client that goes away mid-body raises Starlette's ``ClientDisconnect`` (answer
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from .errors import APIError
 
@@ -178,6 +180,23 @@ async def read_multipart(request: Request, content_type: str, limits: Limits) ->
     if not form.uploads:
         raise APIError(422, "multipart body without a part named 'file'", "invalid_parameters")
     return form.uploads
+
+
+async def discard_body(request: Request, limit: int) -> bool:
+    """Read the body and drop it, never kept, up to ``limit`` bytes: for a request refused
+    before its body was read. A client that sent ``Expect: 100-continue`` has not sent its body
+    and will not (it gets the answer instead of the 100); any other is sending it now, and closing
+    the connection under it would reset it before it reads the answer (HTTP clients write the
+    whole body before reading). Whether the whole body was read (False: close the connection)."""
+    if request.headers.get("expect", "").lower() == "100-continue":
+        return False
+    read = 0
+    with contextlib.suppress(ClientDisconnect):
+        async for chunk in request.stream():
+            read += len(chunk)
+            if read > limit:
+                return False  # past any limit: close the connection rather than read on
+    return True
 
 
 async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
