@@ -14,7 +14,7 @@ In one run, on the same machine, artifact, photos and load:
 Writes ``OUT/serve.json`` and ``OUT/serve.png`` (throughput and p99 against concurrency).
 
     ssd bench serve [--model models/demo.onnx | --url http://host:8000] [--peers bentoml pytriton]
-        [--concurrency 1 2 4 8 16 32 64] [--seconds 15] [--out runs/bench]
+        [--concurrency 1 2 4 8 16 32 64] [--seconds 15] [--runs 1] [--out runs/bench]
 """
 
 from __future__ import annotations
@@ -102,6 +102,47 @@ def at_equal_p99(ours: list[dict], theirs: list[dict]) -> dict[str, object] | No
     }
 
 
+def median_sweep(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+    """One sweep from several of the same server: at each point the run of median images/s, with
+    the median of each latency percentile across runs and every run's images/s kept beside."""
+    if len(runs) == 1:
+        return runs[0]
+    merged: dict[str, list[dict]] = {}
+    for kind in ("closed_loop", "open_loop"):
+        merged[kind] = []
+        for points in zip(*(run[kind] for run in runs), strict=True):
+            ranked = sorted(points, key=lambda p: p["images_per_s"])
+            point = dict(ranked[len(ranked) // 2])
+            for key in ("p50_ms", "p90_ms", "p99_ms"):
+                point[key] = round(float(np.median([p[key] for p in points])), 1)
+            point["images_per_s_runs"] = [p["images_per_s"] for p in points]
+            merged[kind].append(point)
+    return merged
+
+
+def point_by_point(servers: dict[str, dict], peers: list[str]) -> list[dict[str, object]]:
+    """At each client count: our images/s over the best peer's, and both p99s."""
+    rows = []
+    for index, mine in enumerate(servers["ours"]["closed_loop"]):
+        theirs = [(name, servers[name]["closed_loop"][index]) for name in peers]
+        theirs = [(name, p) for name, p in theirs if p["ok"]]
+        row: dict[str, object] = {
+            "concurrency": mine["concurrency"],
+            "ours_images_per_s": mine["images_per_s"],
+            "ours_p99_ms": mine["p99_ms"],
+        }
+        if theirs:
+            name, best = max(theirs, key=lambda item: item[1]["images_per_s"])
+            row.update(
+                best_peer=name,
+                peer_images_per_s=best["images_per_s"],
+                peer_p99_ms=best["p99_ms"],
+                ratio=round(mine["images_per_s"] / best["images_per_s"], 3),
+            )
+        rows.append(row)
+    return rows
+
+
 def available_peers(names: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """The peers to run and, for those left out, why."""
     wanted = list(PEERS) if names is None else names
@@ -134,7 +175,6 @@ def main(args: argparse.Namespace) -> int:
         "photos": source,
         "settings": vars(settings),
         "seconds_per_point": args.seconds,
-        "servers": {},
         "peers_skipped": skipped,
     }
     if artifact is not None:
@@ -142,10 +182,17 @@ def main(args: argparse.Namespace) -> int:
         print(f"ssd bench serve: limit {json.dumps(report['limit'])}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ["ours", *peers]:
-        with Server(PEERS[name], artifact, settings, url=args.url, log=out / f"{name}.log") as server:
-            fractions = args.open_loop if name == "ours" else []
-            report["servers"][name] = sweep(server, images, args.concurrency, args.seconds, fractions)
+    # Runs interleave (ours, each peer, ours again, ...) so that a machine whose speed drifts
+    # drifts under every server alike.
+    runs: dict[str, list[dict]] = {name: [] for name in ["ours", *peers]}
+    for _ in range(args.runs):
+        for name in runs:
+            with Server(PEERS[name], artifact, settings, url=args.url, log=out / f"{name}.log") as server:
+                fractions = args.open_loop if name == "ours" else []
+                runs[name].append(sweep(server, images, args.concurrency, args.seconds, fractions))
+    report["runs"] = args.runs
+    report["servers"] = {name: median_sweep(sweeps) for name, sweeps in runs.items()}
+    report["point_by_point"] = point_by_point(report["servers"], peers)
     ours = report["servers"]["ours"]["closed_loop"]
     if "limit" in report:
         best = max(p["images_per_s"] for p in ours)
@@ -156,7 +203,13 @@ def main(args: argparse.Namespace) -> int:
     (out / "serve.json").write_text(json.dumps(report, indent=2))
     image = plot_sweep(report, out / "serve.png")
     print(
-        json.dumps({k: report[k] for k in ("limit", "ours_of_session_limit", "versus_peers") if k in report})
+        json.dumps(
+            {
+                k: report[k]
+                for k in ("limit", "ours_of_session_limit", "versus_peers", "point_by_point")
+                if k in report
+            }
+        )
     )
     print(
         f"ssd bench serve: wrote {out / 'serve.json'}" + (f" and {image}" if image else ""), file=sys.stderr
@@ -183,5 +236,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="fractions of our peak rate",
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="per load point, after a 3 s warm-up")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="sweeps per server, interleaved; each point is their median"
+    )
     add_server_options(parser)
     parser.add_argument("--out", default="runs/bench", help="folder for the JSON report and the plot")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench import loadgen
-from bench.serve import at_equal_p99
+from bench.serve import at_equal_p99, median_sweep, point_by_point
 from bench.server import batch_sizes, metric_sum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +140,35 @@ def test_peers_are_compared_at_equal_or_better_p99():
         at_equal_p99(ours, [{"concurrency": 1, "ok": 5, "images_per_s": 10.0, "p99_ms": 10.0}])["ratio"]
         == 0.0
     )
+
+
+def test_repeated_sweeps_are_merged_point_by_point_at_the_median():
+    def point(clients, rate, p99):
+        return {
+            "concurrency": clients,
+            "ok": 10,
+            "images_per_s": rate,
+            "p50_ms": p99 / 2,
+            "p90_ms": p99,
+            "p99_ms": p99,
+        }
+
+    runs = [
+        {"closed_loop": [point(1, 50.0, 30.0), point(8, 80.0, 200.0)], "open_loop": []},
+        {"closed_loop": [point(1, 40.0, 25.0), point(8, 90.0, 100.0)], "open_loop": []},
+        {"closed_loop": [point(1, 45.0, 20.0), point(8, 70.0, 150.0)], "open_loop": []},
+    ]
+    merged = median_sweep(runs)["closed_loop"]
+    assert [p["images_per_s"] for p in merged] == [45.0, 80.0]
+    assert [p["p99_ms"] for p in merged] == [25.0, 150.0]  # each percentile's own median
+    assert merged[1]["images_per_s_runs"] == [80.0, 90.0, 70.0]
+    assert median_sweep(runs[:1]) is runs[0]
+
+    peer = {"closed_loop": [point(1, 30.0, 40.0), point(8, 100.0, 120.0)]}
+    slow = {"closed_loop": [point(1, 35.0, 50.0), {**point(8, 0.0, 0.0), "ok": 0}]}
+    rows = point_by_point({"ours": {"closed_loop": merged}, "a": peer, "b": slow}, ["a", "b"])
+    assert [(r["best_peer"], r["ratio"]) for r in rows] == [("b", round(45 / 35, 3)), ("a", 0.8)]
+    assert rows[1]["peer_p99_ms"] == 120.0 and rows[1]["ours_p99_ms"] == 150.0
 
 
 def _bench(tmp_path, *argv):

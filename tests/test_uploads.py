@@ -5,6 +5,7 @@ budget (service/decoding.py) that bounds decoding memory."""
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import Iterable
 
 import pytest
@@ -189,3 +190,23 @@ def test_an_image_whose_decoding_alone_would_pass_the_budget_is_413():
             decoder.shutdown()
 
     asyncio.run(go())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priority is Linux's")
+def test_decode_threads_run_below_the_rest_of_the_process():
+    # Inference is the bottleneck at saturation: decoding must fill the time it leaves, not take
+    # its cores (service/decoding.py, _yield_to_inference).
+    import os
+    import threading
+
+    from service.decoding import DECODE_NICE, Decoder
+    from service.metrics import Metrics
+
+    decoder = Decoder(2, 1024 * 1024, 40_000_000, Metrics())
+    try:
+        here = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        there = decoder.pool.submit(lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        assert there.result(timeout=10) == min(here + DECODE_NICE, 19)
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here  # the caller's is unchanged
+    finally:
+        decoder.shutdown()
