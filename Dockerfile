@@ -58,10 +58,11 @@ COPY --from=serving-build /app/.venv /app/.venv
 ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SSD_MODEL_PATH=/models/model.onnx \
-    SSD_PROVIDERS=cuda,cpu
+    SSD_PROVIDERS=cuda,cpu \
+    SSD_GRPC_PORT=8001
 USER 10001
 WORKDIR /home/detector
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=4).status != 200)"]
 ENTRYPOINT ["ssd", "serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -19,7 +19,7 @@ DEMO_TRAIN = $(UV) run --frozen ssd train --model ssdlite320_mobilenet_v3_large 
 	--batch-size 16 --precise-bn 16 --workers 1 --seed 0
 
 
-.PHONY: uv install install-serving serve test test-fast lint format bench bench-peers clean demo-model
+.PHONY: uv install install-serving serve test test-fast tritonclient-env proto lint format bench bench-peers clean demo-model
 
 # uv itself, where it is missing.
 uv:
@@ -39,8 +39,11 @@ install-serving: uv
 # failed attempt to load the CUDA libraries in the log.
 SSD_PROVIDERS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo cuda,cpu || echo cpu)
 
+# The Open Inference Protocol's gRPC beside HTTP (0: off).
+GRPC_PORT ?= 8001
+
 serve: install-serving $(DEMO_MODEL)
-	SSD_MODEL_PATH=$(DEMO_MODEL) SSD_PROVIDERS=$(SSD_PROVIDERS) $(UV) run --frozen --no-sync ssd serve --host $(HOST) --port $(PORT)
+	SSD_MODEL_PATH=$(DEMO_MODEL) SSD_PROVIDERS=$(SSD_PROVIDERS) SSD_GRPC_PORT=$(GRPC_PORT) $(UV) run --frozen --no-sync ssd serve --host $(HOST) --port $(PORT)
 
 # Built only where missing (a fresh clone has it committed).
 $(DEMO_MODEL):
@@ -54,11 +57,25 @@ demo-model: install
 	$(DEMO_TRAIN) --epochs $(DEMO_STAGE3_EPOCHS) --lr 0.02 --init-from runs/demo-stage2/best.pt --out runs/demo
 	$(UV) run --frozen ssd export --checkpoint runs/demo/best.pt --out $(DEMO_MODEL)
 
-test: install
+test: install tritonclient-env
 	$(UV) run --frozen pytest
 
-test-fast: install
+test-fast: install tritonclient-env
 	$(UV) run --frozen pytest -m "not slow"
+
+# Triton's own Python client for tests/test_tritonclient.py, in an environment of its own:
+# tritonclient[grpc] pins protobuf<7 and the project locks protobuf 7 (tests/tritonclient/).
+TRITONCLIENT_PYTHON := .venv/tritonclient/bin/python
+tritonclient-env: $(TRITONCLIENT_PYTHON)
+$(TRITONCLIENT_PYTHON): tests/tritonclient/requirements.txt | uv
+	rm -rf .venv/tritonclient
+	$(UV) venv --quiet --python 3.11 .venv/tritonclient
+	$(UV) pip install --quiet --python $(TRITONCLIENT_PYTHON) --require-hashes -r tests/tritonclient/requirements.txt
+
+# The OIP's gRPC messages and stubs, from the committed .proto (service/oip/proto/README.md).
+proto: install
+	$(UV) run --frozen python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		service/oip/proto/open_inference_grpc.proto
 
 lint: install
 	$(UV) run --frozen ruff check .

@@ -468,9 +468,14 @@ class Target:
     admin_token: str | None = None
     model_path: Path | None = None
     photos: Sequence[bytes] = ()
+    grpc_address: str | None = None  # host:port of its Open Inference Protocol gRPC service
 
     def normal_image(self) -> bytes:
         return self.photos[0] if self.photos else small_jpeg()
+
+    def model_name(self) -> str:
+        """The served name of its default model (what the OIP routes are addressed by)."""
+        return json.loads(request(self, "GET", "/model").body)["served_as"]
 
 
 Attack = Callable[[Target], Answer]
@@ -487,6 +492,7 @@ class Case:
     code: str | None = None
     exclusive: bool = False
     max_seconds: float | None = None
+    oip: bool = False  # asked through the Open Inference Protocol: its errors are {"error": "..."}
 
     def check(self, answer: Answer) -> list[str]:
         if answer.skipped:
@@ -496,7 +502,11 @@ class Case:
         if answer.status not in self.expect:
             allowed = sorted(self.expect, key=lambda s: -1 if s is None else s)
             problems.append(f"status {answer.status}, expected one of {allowed}: {shown}")
-        if answer.status is not None and not 200 <= answer.status < 300 and not answer.bodiless:
+        if self.oip and answer.status is not None and not 200 <= answer.status < 300:
+            error = answer.error
+            if not (isinstance(error, dict) and set(error) == {"error"} and isinstance(error["error"], str)):
+                problems.append(f'not the protocol\'s {{"error": "..."}} answer: {shown}')
+        elif answer.status is not None and not 200 <= answer.status < 300 and not answer.bodiless:
             error = answer.error
             inner = error.get("error") if isinstance(error, dict) else None
             if not (
@@ -1023,11 +1033,66 @@ def mutations(
         yield f"fuzz-{seed}-{i:04d}-{kind}-{name}", mutate(rng, original), content_type
 
 
-def fuzz_cases(seed: int, count: int, sources: Sequence[bytes] | None = None) -> list[Case]:
-    """The mutations as cases: any of 200/400/413/415, never a 5xx."""
+def oip_post(target: Target, image: bytes, timeout: float = 30.0) -> Answer:
+    """One image through the OIP over REST: a binary BYTES [1] tensor, as tritonclient sends it."""
+    header = json.dumps(
+        {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                     "parameters": {"binary_data_size": len(image) + 4}}]}
+    ).encode()  # fmt: skip
+    return post(
+        target,
+        header + len(image).to_bytes(4, "little") + image,
+        "application/octet-stream",
+        path=f"/v2/models/{target.model_name()}/infer",
+        timeout=timeout,
+        headers={"Inference-Header-Content-Length": str(len(header))},
+    )
+
+
+GRPC_AS_HTTP = {"OK": 200, "INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "RESOURCE_EXHAUSTED": 413,
+                "UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504, "CANCELLED": 499}  # fmt: skip
+
+
+def oip_grpc(target: Target, image: bytes, timeout: float = 30.0) -> Answer:
+    """One image through the OIP's gRPC ModelInfer; its status as the HTTP status of the same case
+    (500 for any code the service should never answer)."""
+    import grpc
+
+    from service.oip.proto import open_inference_grpc_pb2 as pb
+    from service.oip.proto import open_inference_grpc_pb2_grpc as pb_grpc
+
+    if target.grpc_address is None:
+        return Answer(None, skipped="the server has no gRPC address")
+    request = pb.ModelInferRequest(model_name=target.model_name())
+    request.inputs.add(name="images", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+    started = time.perf_counter()
+    with grpc.insecure_channel(target.grpc_address) as channel:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
+            return Answer(200, b"{}", time.perf_counter() - started)
+        except grpc.RpcError as exc:
+            code = exc.code()  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED and time.perf_counter() - started >= timeout:
+                return Answer(None, seconds=time.perf_counter() - started)  # our own give-up
+            body = json.dumps({"error": exc.details()}).encode()  # type: ignore[attr-defined]
+            return Answer(GRPC_AS_HTTP.get(code.name, 500), body, time.perf_counter() - started)
+
+
+def fuzz_cases(
+    seed: int, count: int, sources: Sequence[bytes] | None = None, protocol: str = "detect"
+) -> list[Case]:
+    """The mutations as cases: any of 200/400/413/415, never a 5xx. ``protocol``: how they are
+    sent, ``detect`` (POST /detect, the declared type of the mutation), ``oip-rest`` or ``oip-grpc``."""
+    if protocol == "detect":
+        return [
+            Case(name, lambda target, d=data, t=content_type: post(target, d, t), FUZZ_ALLOWED)
+            for name, data, content_type in mutations(seed, count, sources)
+        ]
+    send = {"oip-rest": oip_post, "oip-grpc": oip_grpc}[protocol]
     return [
-        Case(name, lambda target, d=data, t=content_type: post(target, d, t), FUZZ_ALLOWED)
-        for name, data, content_type in mutations(seed, count, sources)
+        Case(f"{protocol} {name}", lambda target, d=data: send(target, d), FUZZ_ALLOWED, oip=True)
+        for name, data, _ in mutations(seed, count, sources)
     ]
 
 

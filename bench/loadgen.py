@@ -33,6 +33,9 @@ class Load:
     rate: float | None = None  # open loop: requests per second
     host: str = "127.0.0.1"
     max_connections: int = 2048  # open loop: arrivals beyond this many in flight are not sent
+    # gRPC: ``requests`` are serialized messages for this method ("/package.Service/Method"),
+    # each client on a channel (an HTTP/2 connection) of its own; statuses as HTTP's.
+    grpc_method: str | None = None
 
     def __post_init__(self) -> None:
         if (self.clients is None) == (self.rate is None):
@@ -101,6 +104,47 @@ async def _exchange(
         if connection is not None:
             connection[1].close()
         return CONNECTION_FAILED, None
+
+
+def _grpc_status(code: object) -> int:
+    """A gRPC status as the HTTP status the service answers for the same case."""
+    import grpc
+
+    return {
+        grpc.StatusCode.OK: 200,
+        grpc.StatusCode.INVALID_ARGUMENT: 400,
+        grpc.StatusCode.NOT_FOUND: 404,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
+        grpc.StatusCode.UNAVAILABLE: 503,
+        grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+        grpc.StatusCode.CANCELLED: 499,
+    }.get(code, 500)  # type: ignore[call-overload]
+
+
+async def _grpc_closed_loop(load: Load, record: _Recorder, origin: float) -> None:
+    import grpc
+
+    stop_at = origin + load.seconds
+    count = len(load.requests)
+    # Bytes in, bytes out: the messages are serialized once beforehand, as the HTTP requests are.
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", -1)]
+
+    async def client(index: int) -> None:
+        async with grpc.aio.insecure_channel(f"{load.host}:{load.port}", options=options) as channel:
+            call = channel.unary_unary(load.grpc_method)
+            sent = index
+            while time.perf_counter() < stop_at:
+                request = load.requests[sent % count]
+                sent += load.clients or 1
+                started = time.perf_counter()
+                try:
+                    await call(request)
+                    status = 200
+                except grpc.aio.AioRpcError as exc:
+                    status = _grpc_status(exc.code())
+                record.add(started - origin, time.perf_counter() - started, status)
+
+    await asyncio.gather(*(client(i) for i in range(load.clients or 0)))
 
 
 class _Recorder:
@@ -172,7 +216,12 @@ def _drive(load: Load) -> Result:
 
     async def main() -> tuple[float, int]:
         origin = time.perf_counter()
-        if load.clients is not None:
+        if load.grpc_method is not None:
+            if load.clients is None:
+                raise ValueError("gRPC load is closed loop only")
+            await _grpc_closed_loop(load, record, origin)
+            not_sent = 0
+        elif load.clients is not None:
             await _closed_loop(load, record, origin)
             not_sent = 0
         else:

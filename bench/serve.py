@@ -120,10 +120,10 @@ def median_sweep(runs: list[dict[str, list[dict]]]) -> dict[str, list[dict]]:
     return merged
 
 
-def point_by_point(servers: dict[str, dict], peers: list[str]) -> list[dict[str, object]]:
+def point_by_point(servers: dict[str, dict], peers: list[str], ours: str = "ours") -> list[dict[str, object]]:
     """At each client count: our images/s over the best peer's, and both p99s."""
     rows = []
-    for index, mine in enumerate(servers["ours"]["closed_loop"]):
+    for index, mine in enumerate(servers[ours]["closed_loop"]):
         theirs = [(name, servers[name]["closed_loop"][index]) for name in peers]
         theirs = [(name, p) for name, p in theirs if p["ok"]]
         row: dict[str, object] = {
@@ -145,13 +145,14 @@ def point_by_point(servers: dict[str, dict], peers: list[str]) -> list[dict[str,
 
 def available_peers(names: list[str] | None) -> tuple[list[str], dict[str, str]]:
     """The peers to run and, for those left out, why."""
-    wanted = list(PEERS) if names is None else names
+    wanted = [p for p in PEERS if not p.startswith("ours")] if names is None else names
     run, skipped = [], {}
     for name in wanted:
         if name == "ours":
             continue
         if name not in PEERS:
-            raise SystemExit(f"unknown peer {name!r}; known: {', '.join(p for p in PEERS if p != 'ours')}")
+            known = ", ".join(p for p in PEERS if not p.startswith("ours"))
+            raise SystemExit(f"unknown peer {name!r}; known: {known}")
         reason = PEERS[name].unavailable()
         if reason:
             skipped[name] = reason
@@ -184,16 +185,19 @@ def main(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     # Runs interleave (ours, each peer, ours again, ...) so that a machine whose speed drifts
     # drifts under every server alike.
-    runs: dict[str, list[dict]] = {name: [] for name in ["ours", *peers]}
+    ours = [PROTOCOLS[p] for p in args.protocol]
+    runs: dict[str, list[dict]] = {name: [] for name in [*ours, *peers]}
     for _ in range(args.runs):
         for name in runs:
             with Server(PEERS[name], artifact, settings, url=args.url, log=out / f"{name}.log") as server:
-                fractions = args.open_loop if name == "ours" else []
+                fractions = args.open_loop if name == ours[0] else []
                 runs[name].append(sweep(server, images, args.concurrency, args.seconds, fractions))
     report["runs"] = args.runs
     report["servers"] = {name: median_sweep(sweeps) for name, sweeps in runs.items()}
-    report["point_by_point"] = point_by_point(report["servers"], peers)
-    ours = report["servers"]["ours"]["closed_loop"]
+    report["point_by_point"] = point_by_point(report["servers"], [*ours[1:], *peers], ours[0])
+    if len(ours) > 1:
+        report["protocols"] = {name: point_by_point(report["servers"], [name], ours[0]) for name in ours[1:]}
+    ours = report["servers"][ours[0]]["closed_loop"]
     if "limit" in report:
         best = max(p["images_per_s"] for p in ours)
         report["ours_of_session_limit"] = round(best / report["limit"]["session_images_per_s"], 3)
@@ -217,6 +221,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+# How ours is asked (--protocol): the server names of bench/peers.
+PROTOCOLS = {"detect": "ours", "oip-rest": "ours-oip-rest", "oip-grpc": "ours-oip-grpc"}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/demo.onnx", help="the artifact every server loads")
     parser.add_argument("--url", default=None, help="measure a running service instead of starting one")
@@ -226,6 +234,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         nargs="*",
         default=None,
         help="peers beside ours (default: every installed one; none: no peer)",
+    )
+    parser.add_argument(
+        "--protocol",
+        nargs="+",
+        choices=list(PROTOCOLS),
+        default=["detect"],
+        help="how ours is asked: POST /detect, the OIP over REST (binary tensors) or gRPC; the first "
+        "is the one compared with the peers",
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument(

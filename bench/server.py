@@ -66,6 +66,8 @@ class Server:
             self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         else:
             self.host, self.port = "127.0.0.1", free_port()
+        # Where a peer asked over gRPC listens for it (SSD_GRPC_PORT for ours).
+        self.grpc_port = free_port() if getattr(peer, "grpc_method", None) else None
 
     @property
     def base(self) -> str:
@@ -80,6 +82,8 @@ class Server:
                 self.settings.max_delay_ms,
                 self.settings.threads,
             )
+            if self.grpc_port is not None:
+                env = {**env, "SSD_GRPC_PORT": str(self.grpc_port)}
             output = open(self.log, "wb") if self.log else subprocess.DEVNULL
             self.process = subprocess.Popen(
                 argv,
@@ -179,8 +183,13 @@ def batch_sizes(before: str, after: str) -> dict[str, object]:
         return {}
 
     def cumulative(text: str) -> dict[str, float]:
-        found = re.findall(r'^detector_batch_size_bucket\{le="([^"]+)"\} (\S+)$', text, re.M)
-        return {le: float(v) for le, v in found}
+        # Summed over the models served (their label sets), bucket by bucket.
+        total: dict[str, float] = {}
+        for labels, value in re.findall(r"^detector_batch_size_bucket\{([^}]*)\} (\S+)$", text, re.M):
+            le = re.search(r'le="([^"]+)"', labels)
+            if le:
+                total[le.group(1)] = total.get(le.group(1), 0.0) + float(value)
+        return total
 
     b, a = cumulative(before), cumulative(after)
     histogram, previous = {}, 0.0

@@ -72,10 +72,15 @@ def measure(
             raise ValueError(f"{server.peer.name} takes no per-request deadline")
         requests = tuple(with_query(r, f"timeout_ms={timeout_ms:g}") for r in requests)
 
+    grpc = server.peer.grpc_method
+    if timeout_ms is not None and grpc:
+        raise ValueError("--timeout-ms is for HTTP requests")
+
     def load(duration: float) -> loadgen.Load:
         return loadgen.Load(
-            port=server.port,
+            port=server.grpc_port if grpc else server.port,
             host=server.host,
+            grpc_method=grpc,
             requests=requests,
             seconds=duration,
             clients=pace.clients,
@@ -103,9 +108,7 @@ def capacity(
     url: str | None = None,
 ) -> float:
     """Images/s at saturation: closed loop with enough clients to keep every batch full, on a
-    server of its own without the bound on queue waiting (whose quick 503s to clients that retry at
-    once would measure the cost of refusing, not the capacity)."""
-    env = env | {"SSD_MAX_QUEUE_WAIT_MS": "0"}
+    server of its own."""
     with Server(peer, artifact, settings, url=url, env=env) as server:
         summary, _ = measure(server, images, Pace(clients=2 * settings.max_batch), seconds)
     return float(summary["images_per_s"])  # type: ignore[arg-type]

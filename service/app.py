@@ -17,57 +17,51 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from . import errors
 from .artifact import ArtifactError
-from .batcher import Batcher
 from .decoding import Decoder
 from .detect import detect
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import ObservabilityMiddleware
-from .runtime import GPURequired, ModelRuntime
+from .oip import rest as oip_rest
+from .repository import Repository
+from .runtime import GPURequired
 from .settings import Settings
 from .slow_clients import BodyRateGuard
-from .state import State, StateDep
+from .state import ModelQuery, State, StateDep, served
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
+    """The app; with ``SSD_GRPC_PORT`` set, its lifespan also serves the OIP's gRPC on
+    ``grpc_host`` (``ssd serve`` passes its own ``--host``)."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = ModelRuntime(settings, metrics)
-        batcher = Batcher(
-            lambda: runtime.detector,
-            metrics,
-            max_batch_size=settings.max_batch_size,
-            max_queue_delay_s=settings.max_queue_delay_ms / 1000.0,
-            max_queue_size=settings.max_queue_size,
-        )
-        runtime.on_swap = batcher.calibrate
+        repository = Repository(settings, metrics)
         decoder = Decoder(
             settings.decode_threads,
             settings.decode_budget_mb * 1024 * 1024,
             settings.max_image_pixels,
             metrics,
         )
-        app.state.service = State(settings, metrics, runtime, batcher, decoder, time.time())
-        try:
-            await runtime.load(initial=True)
-        except GPURequired:
-            raise  # SSD_REQUIRE_GPU: refuse to start
-        except ArtifactError as exc:
-            # Serve health and metrics anyway; /readyz says 503 until a reload or the poller succeeds.
-            log.error("no model loaded: %s", exc)
-        batcher.start()
-        runtime.start_polling()
+        app.state.service = State(settings, metrics, repository, decoder, time.time())
+        # A model that fails to load is logged: health and metrics are served anyway, and
+        # /readyz says 503 until a reload or the poller succeeds. SSD_REQUIRE_GPU unmet raises.
+        await repository.start()
+        grpc_server = None
+        if settings.grpc_port:
+            from .oip import grpc as oip_grpc  # grpcio only where gRPC is served
+
+            grpc_server = await oip_grpc.start(app.state.service, grpc_host, settings.grpc_port)
         try:
             yield
         finally:
-            metrics.ready.set(0)
-            await runtime.stop()
-            await batcher.stop(settings.shutdown_timeout_s)
+            if grpc_server is not None:
+                await grpc_server.stop(settings.shutdown_timeout_s)
+            await repository.stop(settings.shutdown_timeout_s)
             decoder.shutdown()
 
     app = FastAPI(
@@ -84,6 +78,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Registered on the app itself (not through an APIRouter) so that the metrics middleware
     # can name the route from app.router.routes.
     app.add_api_route("/detect", detect, methods=["POST"])
+    app.include_router(oip_rest.router)
     _add_operational_routes(app)
     return app
 
@@ -95,38 +90,45 @@ def _add_operational_routes(app: FastAPI) -> None:
 
     @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(state: StateDep) -> JSONResponse:
-        if state.runtime.ready:
+        if state.repository.ready:
             return JSONResponse({"status": "ready"})
+        waiting = [f"{m.name} (version {m.version})" for m in state.repository.models() if not m.ready]
+        message = f"not loaded and warmed up yet: {', '.join(waiting)}" if waiting else "no model found"
         return JSONResponse(
-            {"error": {"code": "not_ready", "message": "no model loaded and warmed up yet"}},
+            {"error": {"code": "not_ready", "message": message}},
             status_code=503,
             headers={"Retry-After": "5"},
         )
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics(state: StateDep) -> Response:
-        state.metrics.queue_depth.set(len(state.batcher))
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
     @app.api_route("/model", methods=["GET", "HEAD"])
-    async def model(state: StateDep) -> dict[str, Any]:
-        detector = state.runtime.detector
+    async def model(state: StateDep, model: ModelQuery = None) -> dict[str, Any]:
+        chosen = served(state, model)
+        detector = chosen.detector
         if detector is None:
-            raise APIError(503, "no model is loaded", "not_ready", {"Retry-After": "5"})
+            raise APIError(503, f"model {chosen.name} is not loaded", "not_ready", {"Retry-After": "5"})
         info = detector.info
         return {
             "name": info.name,
+            "served_as": chosen.name,
+            "served_version": chosen.version,
             "version": info.version,
             "sha256": info.sha256,
             "path": info.path,
             "providers": detector.providers,
-            "loaded_at": state.runtime.loaded_at,
+            "loaded_at": chosen.runtime.loaded_at,
             "load_seconds": round(detector.load_seconds, 3),
             "metadata": info.describe(),
+            "models": [
+                {"name": m.name, "version": m.version, "state": m.state} for m in state.repository.models()
+            ],
         }
 
     @app.post("/model/reload")
-    async def reload(request: Request, state: StateDep) -> dict[str, Any]:
+    async def reload(request: Request, state: StateDep, model: ModelQuery = None) -> dict[str, Any]:
         token = state.settings.admin_token
         if token is None:
             raise APIError(403, "reload is disabled: no SSD_ADMIN_TOKEN is configured", "forbidden")
@@ -135,15 +137,22 @@ def _add_operational_routes(app: FastAPI) -> None:
         expected = token.get_secret_value()
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
             raise APIError(403, "a valid bearer token is required", "forbidden")
+        chosen = served(state, model)
         try:
-            detector = await state.runtime.load()
+            detector = await state.repository.reload(chosen)
         except (ArtifactError, GPURequired) as exc:
-            log.error("reload rejected, still serving the previous model: %s", exc)
+            log.error("reload of %s rejected, still serving the previous model: %s", chosen.name, exc)
             raise APIError(
                 422, f"reload rejected, the previous model keeps serving: {exc}", "invalid_artifact"
             ) from exc
         info = detector.info
-        return {"status": "reloaded", "name": info.name, "version": info.version, "sha256": info.sha256}
+        return {
+            "status": "reloaded",
+            "name": info.name,
+            "served_as": chosen.name,
+            "version": info.version,
+            "sha256": info.sha256,
+        }
 
     page = resources.files("service").joinpath("index.html").read_text()
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .artifact import Detections, Detector
-from .metrics import Metrics
+from .metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +145,12 @@ class Batcher:
     def __init__(
         self,
         detector: Callable[[], Detector | None],
-        metrics: Metrics,
+        metrics: ModelMetrics,
         max_batch_size: int = 8,
         max_queue_delay_s: float = 0.005,
         max_queue_size: int = 256,
         clock: Callable[[], float] = time.monotonic,
+        executor: ThreadPoolExecutor | None = None,
     ) -> None:
         self._detector = detector  # read at each batch: a reload swaps it between batches
         self.metrics = metrics
@@ -167,8 +168,9 @@ class Batcher:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         # ONNX Runtime parallelises inside a run; one run at a time keeps its threads busy
-        # without oversubscribing the cores.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        # without oversubscribing the cores. A repository's models share one such thread.
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -287,7 +289,8 @@ class Batcher:
             if not item.future.done():
                 item.future.set_exception(ShuttingDown("the service stopped before this image ran"))
         self._queue.clear()
-        self._executor.shutdown(wait=False)
+        if self._own_executor:
+            self._executor.shutdown(wait=False)
 
     async def _wait_for_company(self) -> None:
         """The executor is free: wait only while admitted images are still on their way and the

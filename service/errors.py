@@ -44,10 +44,23 @@ def error_response(
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+OIP_PREFIX = "/v2"
+
+
+def _render(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """Our contract's error, or under /v2 the Open Inference Protocol's ``{"error": "..."}``,
+    where a bad parameter is 400, not 422."""
+    if request.url.path == OIP_PREFIX or request.url.path.startswith(OIP_PREFIX + "/"):
+        return JSONResponse({"error": message}, status_code=400 if status == 422 else status, headers=headers)
+    return error_response(status, code, message, headers)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return _render(request, exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -55,11 +68,12 @@ def install(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e['loc'] if p not in ('query', 'body'))}: {e['msg']}"
             for e in exc.errors()
         )
-        return error_response(422, "invalid_parameters", problems or "invalid parameters")
+        return _render(request, 422, "invalid_parameters", problems or "invalid parameters")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
+        return _render(
+            request,
             exc.status_code,
             _CODES.get(exc.status_code, "error"),
             str(exc.detail),
@@ -70,9 +84,9 @@ def install(app: FastAPI) -> None:
     async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # No one reads this answer; its status is what the metrics and the access log record
         # (nginx's 499), so that a client leaving never looks like a server error.
-        return error_response(499, "client_disconnected", "the client closed the connection")
+        return _render(request, 499, "client_disconnected", "the client closed the connection")
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal_error", "internal error; see the service log")
+        return _render(request, 500, "internal_error", "internal error; see the service log")

@@ -3,9 +3,16 @@
 Each app owns a ``CollectorRegistry`` (no module-level global registry), so that tests can run
 several apps in one process. Histogram buckets span 1 ms to 30 s: SSD requests on a GPU take a
 few milliseconds, on a busy CPU seconds, and the tail is what alerts look at.
+
+Series that concern one model carry a ``model`` label (the served name): each model's batcher and
+runtime get ``Metrics.of(name)``, the same metrics with that label bound.
 """
 
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -60,11 +67,14 @@ class Metrics:
         self.in_flight = Gauge(
             "detector_requests_in_flight", "HTTP requests being handled", registry=registry
         )
-        self.images = Counter("detector_images", "Images run through the model", registry=registry)
-        self.queue_depth = Gauge("detector_queue_depth", "Images waiting for a batch", registry=registry)
+        self.images = Counter("detector_images", "Images run through the model", ["model"], registry=registry)
+        self.queue_depth = Gauge(
+            "detector_queue_depth", "Images waiting for a batch", ["model"], registry=registry
+        )
         self.queue_wait = Histogram(
             "detector_queue_wait_seconds",
             "Time an image waits in the queue before its batch starts",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
@@ -77,13 +87,14 @@ class Metrics:
         self.inference = Histogram(
             "detector_inference_duration_seconds",
             "One batch in the ONNX Runtime session",
+            ["model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.batch_size = Histogram(
-            "detector_batch_size", "Images per batch", buckets=BATCH_BUCKETS, registry=registry
+            "detector_batch_size", "Images per batch", ["model"], buckets=BATCH_BUCKETS, registry=registry
         )
-        self.batches = Counter("detector_batches", "Batches run", registry=registry)
+        self.batches = Counter("detector_batches", "Batches run", ["model"], registry=registry)
         self.rejected = Counter(
             "detector_rejected_requests",
             "Requests refused or dropped before inference",
@@ -93,6 +104,7 @@ class Metrics:
         self.detections = Histogram(
             "detector_detections_per_image",
             "Detections returned per image",
+            ["model"],
             buckets=DETECTION_BUCKETS,
             registry=registry,
         )
@@ -103,15 +115,72 @@ class Metrics:
             registry=registry,
         )
         self.reloads = Counter(
-            "detector_model_reloads", "Model loads after the first", ["result"], registry=registry
+            "detector_model_reloads", "Model loads after the first", ["model", "result"], registry=registry
         )
-        self.ready = Gauge("detector_ready", "1 when a model is loaded and warmed up", registry=registry)
+        self._info: dict[str, tuple[str, str, str, str]] = {}  # each model's model_info labels
+        self.ready = Gauge(
+            "detector_ready", "1 when every model found is loaded and warmed up", registry=registry
+        )
+
+    def of(self, model: str) -> ModelMetrics:
+        """The series of one model (created at 0, so that rates and alerts see them at once)."""
         for result in ("success", "failure"):
-            self.reloads.labels(result)
+            self.reloads.labels(model, result)
+        return ModelMetrics(
+            model,
+            self,
+            images=self.images.labels(model),
+            queue_depth=self.queue_depth.labels(model),
+            queue_wait=self.queue_wait.labels(model),
+            inference=self.inference.labels(model),
+            batch_size=self.batch_size.labels(model),
+            batches=self.batches.labels(model),
+            detections=self.detections.labels(model),
+        )
+
+    def forget(self, model: str) -> None:
+        """A model no longer served: its series go (a removed model is not a stuck one)."""
+        for family in (self.images, self.queue_depth, self.queue_wait, self.inference, self.batch_size,
+                       self.batches, self.detections):  # fmt: skip
+            with contextlib.suppress(KeyError):
+                family.remove(model)
+        for result in ("success", "failure"):
+            with contextlib.suppress(KeyError):
+                self.reloads.remove(model, result)
+        self._drop_info(model)
 
     def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:
-        self.model_info.clear()
-        self.model_info.labels(model, version, sha256, provider).set(1)
+        """``model`` (the served name) now runs this artifact."""
+        self._drop_info(model)
+        self._info[model] = (model, version, sha256, provider)
+        self.model_info.labels(*self._info[model]).set(1)
+
+    def _drop_info(self, model: str) -> None:
+        labels = self._info.pop(model, None)
+        if labels is not None:
+            self.model_info.remove(*labels)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True)
+class ModelMetrics:
+    """The per-model series of ``Metrics``, with the model's label bound (``Metrics.of``)."""
+
+    model: str
+    shared: Metrics
+    images: Any
+    queue_depth: Any
+    queue_wait: Any
+    inference: Any
+    batch_size: Any
+    batches: Any
+    detections: Any
+
+    @property
+    def rejected(self) -> Counter:
+        return self.shared.rejected
+
+    def reload(self, result: str) -> None:
+        self.shared.reloads.labels(self.model, result).inc()

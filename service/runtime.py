@@ -1,9 +1,10 @@
-"""The model being served: loading, warm-up, validation and hot reload without downtime.
+"""One model being served: loading, warm-up, validation and hot reload without downtime.
 
 A reload loads the new artifact and warms it up beside the old one (off the event loop), then
 swaps one reference. The batcher reads that reference at the start of each batch, so batches in
 flight finish on the old session and the next one runs on the new. A broken artifact is
-refused, logged and counted, and the old model keeps serving.
+refused, logged and counted, and the old model keeps serving. Which files are served, and when
+they changed, is the repository's business (service/repository.py).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from .artifact import ArtifactError, Detector
 from .memory import release_free_memory
-from .metrics import Metrics
+from .metrics import ModelMetrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ class _FileStamp:
     inode: int
 
 
-def _stamp(path: str) -> _FileStamp | None:
+def stamp(path: str) -> _FileStamp | None:
+    """What tells a file replaced or rewritten from the same file (None: it is gone)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -45,22 +47,25 @@ def _stamp(path: str) -> _FileStamp | None:
 
 
 class ModelRuntime:
+    """The session of one artifact file, served under ``metrics.model``."""
+
     def __init__(
         self,
         settings: Settings,
-        metrics: Metrics,
+        metrics: ModelMetrics,
+        path: str,
         on_swap: Callable[[Detector, dict[int, float]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.path = path
         # Told of each model swapped in, with its warm-up's seconds per batch size (the batcher's
         # estimates start from them).
         self.on_swap = on_swap
         self.detector: Detector | None = None
         self.loaded_at: float | None = None
         self._lock = asyncio.Lock()
-        self._stamp: _FileStamp | None = None
-        self._poller: asyncio.Task[None] | None = None
+        self.stamp: _FileStamp | None = None  # of the file last loaded or refused
 
     @property
     def ready(self) -> bool:
@@ -111,57 +116,46 @@ class ModelRuntime:
             self.on_swap(detector, seconds)
         self.detector = detector
         self.loaded_at = time.time()
-        info = detector.info
-        self.metrics.set_model(info.name, info.version, info.sha256, detector.providers[0])
-        self.metrics.ready.set(1)
+        self.publish()
 
-    async def load(self, path: str | None = None, initial: bool = False) -> Detector:
-        """Load ``path`` (default: the configured one) and swap it in. Raises ArtifactError or
-        GPURequired; the current model, if any, keeps serving."""
-        path = path or self.settings.model_path
+    def publish(self) -> None:
+        """detector_model_info for the model loaded, under the served name."""
+        if self.detector is not None:
+            info = self.detector.info
+            self.metrics.shared.set_model(
+                self.metrics.model, info.version, info.sha256, self.detector.providers[0]
+            )
+
+    async def load(self, initial: bool = False) -> Detector:
+        """Load the file and swap it in. Raises ArtifactError or GPURequired; the current model,
+        if any, keeps serving."""
+        path = self.path
         async with self._lock:
-            stamp = _stamp(path)
+            found = stamp(path)
             try:
                 detector, seconds = await asyncio.get_running_loop().run_in_executor(None, self._load, path)
             except Exception as exc:
                 if not initial:
-                    self.metrics.reloads.labels("failure").inc()
-                self._stamp = stamp  # do not retry the same broken file on every poll
+                    self.metrics.reload("failure")
+                self.stamp = found  # do not retry the same broken file on every poll
                 if isinstance(exc, ArtifactError | GPURequired):
                     raise
                 # ORT failing in warm-up, out of memory, ...
                 raise ArtifactError(f"{path} failed to load or warm up: {exc}") from exc
             self._swap(detector, seconds)
-            self._stamp = stamp
+            self.stamp = found
             # The previous session's memory (or a refused one's) goes back to the system, so that
             # the next reload's peak (two sessions at once) starts from one model's worth.
             await asyncio.get_running_loop().run_in_executor(None, release_free_memory, True)
             if not initial:
-                self.metrics.reloads.labels("success").inc()
+                self.metrics.reload("success")
             return detector
 
-    def start_polling(self) -> None:
-        if self.settings.model_poll_s > 0:
-            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="model-poller")
-
-    async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-
-    async def _poll(self) -> None:
-        """Reload when the artifact file changes (a new file renamed over it, as ssd export does)."""
-        path = self.settings.model_path
-        while True:
-            await asyncio.sleep(self.settings.model_poll_s)
-            stamp = _stamp(path)
-            if stamp is None or stamp == self._stamp:
-                continue
-            # A writer that does not rename may still be writing: wait for the file to settle.
-            await asyncio.sleep(min(self.settings.model_poll_s, 1.0))
-            if _stamp(path) != stamp:
-                continue
-            log.info("model file %s changed; reloading", path)
-            try:
-                await self.load(path, initial=self.detector is None)
-            except (ArtifactError, GPURequired) as exc:
-                log.error("reload of %s rejected, still serving the previous model: %s", path, exc)
+    async def changed(self, settle_s: float) -> bool:
+        """Has the file changed since it was last loaded or refused, and stayed so for
+        ``settle_s`` (a writer that does not rename may still be writing)?"""
+        now = stamp(self.path)
+        if now is None or now == self.stamp:
+            return False
+        await asyncio.sleep(settle_s)
+        return stamp(self.path) == now

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"ssd serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_json)
-    app = create_app(settings)
+    app = create_app(settings, grpc_host=args.host)
 
     def count_cut(reason: str) -> None:
         # The metrics live in the app's state from its startup on; a cut before that is not counted.

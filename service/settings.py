@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MB = 1024 * 1024
@@ -30,7 +30,12 @@ class Settings(BaseSettings):
     score_threshold: float = Field(0.5, ge=0, le=1)
     intra_op_threads: int | None = Field(None, ge=1)  # ONNX Runtime CPU threads (default: its own)
     admin_token: SecretStr | None = None  # bearer token for POST /model/reload
-    model_poll_s: float = Field(0.0, ge=0)  # watch the artifact file; 0 = do not watch
+    model_poll_s: float = Field(0.0, ge=0)  # watch the artifact file or folder; 0 = do not watch
+    # A repository folder (NAME/VERSION/model.onnx or NAME.onnx) instead of model_path:
+    model_dir: str | None = None
+    model_name: str | None = None  # the served name of model_path (default: its metadata's)
+    default_model: str | None = None  # the model of routes that name none
+    grpc_port: int = Field(0, ge=0, le=65535)  # the OIP's gRPC service; 0 = off
     # Beyond the contract:
     decode_threads: int = Field(4, ge=1)  # image decoding and resizing
     # The estimated peak memory of the images being decoded at once (decoded pixels times the
@@ -58,3 +63,9 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Settings:
+        if self.model_dir and "model_path" in self.model_fields_set:
+            raise ValueError("set SSD_MODEL_PATH or SSD_MODEL_DIR, not both")
+        return self

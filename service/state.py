@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
-from .batcher import Batcher
 from .decoding import Decoder
+from .errors import APIError
 from .metrics import Metrics
-from .runtime import ModelRuntime
+from .repository import ModelNotFound, Repository, ServedModel
 from .settings import Settings
 
 
@@ -18,8 +18,7 @@ from .settings import Settings
 class State:
     settings: Settings
     metrics: Metrics
-    runtime: ModelRuntime
-    batcher: Batcher
+    repository: Repository
     decoder: Decoder
     started_at: float
 
@@ -29,3 +28,16 @@ def get_state(request: Request) -> State:
 
 
 StateDep = Annotated[State, Depends(get_state)]
+
+
+ModelQuery = Annotated[
+    str | None, Query(max_length=128, description="a model of the repository (default: the default model)")
+]
+
+
+def served(state: State, name: str | None, version: int | str | None = None) -> ServedModel:
+    """The model a request names (or the default): 404 for a name or version not served."""
+    try:
+        return state.repository.get(name, version)
+    except ModelNotFound as exc:
+        raise APIError(404, str(exc), "model_not_found") from None

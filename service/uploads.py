@@ -212,3 +212,11 @@ async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
         f"Content-Type {media or '(none)'} is neither multipart/form-data nor an image type",
         "unsupported_media_type",
     )
+
+
+async def until_disconnect(request: Request) -> None:
+    """Return when the client goes away (once the body is read, the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

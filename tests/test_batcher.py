@@ -50,7 +50,7 @@ def far() -> float:
 def test_a_full_batch_leaves_at_once_and_results_keep_their_order():
     async def go():
         fake = FakeDetector()
-        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=4, max_queue_delay_s=10.0)
+        batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=4, max_queue_delay_s=10.0)
         batcher.start()
         started = time.monotonic()
         futures = batcher.submit([image(v) for v in (10, 20, 30, 40)], far())
@@ -67,7 +67,7 @@ def test_an_idle_executor_runs_a_lone_image_at_once_and_a_request_may_span_batch
     async def go():
         fake = FakeDetector()
         # A delay of 5 s: were the lone image to wait for company, the test would take 5 s.
-        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=3, max_queue_delay_s=5.0)
+        batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=3, max_queue_delay_s=5.0)
         batcher.start()
         started = time.monotonic()
         (alone,) = batcher.submit([image(1)], far())
@@ -85,7 +85,7 @@ def test_an_idle_executor_runs_a_lone_image_at_once_and_a_request_may_span_batch
 def test_a_batch_waits_only_for_company_known_to_be_coming():
     async def go():
         fake = FakeDetector()
-        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=4, max_queue_delay_s=5.0)
+        batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=4, max_queue_delay_s=5.0)
         batcher.start()
         async with batcher.admit(2, far()) as first, batcher.admit(1, far()) as second:
             futures = first.submit([image(1), image(2)])
@@ -109,7 +109,7 @@ def test_batches_grow_while_the_model_is_busy():
     async def go():
         fake = FakeDetector(seconds=0.1)
         batcher = Batcher(
-            lambda: fake, Metrics(), max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=100
+            lambda: fake, Metrics().of("m"), max_batch_size=8, max_queue_delay_s=0.001, max_queue_size=100
         )
         batcher.start()
         futures = batcher.submit([image(0)], far())
@@ -126,7 +126,7 @@ def test_batches_grow_while_the_model_is_busy():
 def test_cancelled_and_expired_images_are_dropped_before_inference():
     async def go():
         fake = FakeDetector(seconds=0.1)
-        metrics = Metrics()
+        metrics = Metrics().of("m")
         batcher = Batcher(lambda: fake, metrics, max_batch_size=8, max_queue_delay_s=0.001)
         batcher.start()
         busy = batcher.submit([image(0)], far())
@@ -151,7 +151,7 @@ def test_the_queue_is_bounded_and_stop_drains_it():
     async def go():
         fake = FakeDetector(seconds=0.05)
         batcher = Batcher(
-            lambda: fake, Metrics(), max_batch_size=2, max_queue_delay_s=0.001, max_queue_size=4
+            lambda: fake, Metrics().of("m"), max_batch_size=2, max_queue_delay_s=0.001, max_queue_size=4
         )
         batcher.start()
         futures = batcher.submit([image(v) for v in range(4)], far())
@@ -178,7 +178,7 @@ class Clock:
 def test_admission_estimates_completion_from_batch_times_and_refuses_past_the_deadline():
     async def go():
         clock = Clock()
-        batcher = Batcher(lambda: None, Metrics(), max_batch_size=4, max_queue_size=100, clock=clock)
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, max_queue_size=100, clock=clock)
         # As measured at warm-up: batching is sublinear (4 images take 0.2 s one by one, 0.1 s together).
         batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
         assert batcher.times.drain(9, 4) == pytest.approx(0.25)  # full batches, then the rest
@@ -211,7 +211,7 @@ def test_admission_estimates_completion_from_batch_times_and_refuses_past_the_de
 def test_images_that_would_now_miss_their_deadline_are_dropped_not_queued():
     async def go():
         clock = Clock()
-        batcher = Batcher(lambda: None, Metrics(), max_batch_size=4, clock=clock)
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
         batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
         async with batcher.admit(1, clock.now + 0.07) as ticket:  # 0.05 s + 0.0175 to spare
             clock.now += 0.03  # decoding took 30 ms: 0.05 s of inference no longer fits
@@ -226,7 +226,7 @@ def test_under_saturation_a_batch_is_cut_so_that_the_head_keeps_its_deadline():
     async def go():
         clock = Clock()
         fake = FakeDetector()
-        batcher = Batcher(lambda: fake, Metrics(), max_batch_size=4, max_queue_delay_s=0, clock=clock)
+        batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=4, max_queue_delay_s=0, clock=clock)
         batcher.calibrate(fake, {1: 0.05, 2: 0.07, 4: 0.1})  # type: ignore[arg-type]
         # The head must be done in 0.08 s: a batch of 4 (0.1 s) would miss it, one of 2 keeps it.
         futures = batcher._enqueue([image(1)], clock.now + 0.08)
@@ -247,7 +247,7 @@ def test_under_saturation_a_batch_is_cut_so_that_the_head_keeps_its_deadline():
 def test_the_estimate_learns_how_late_requests_finish_without_feeding_on_itself():
     async def go():
         clock = Clock()
-        batcher = Batcher(lambda: None, Metrics(), max_batch_size=4, clock=clock)
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
         batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
         for _ in range(50):  # every request takes 0.05 s longer than its batch times say
             async with batcher.admit(1, clock.now + 10) as ticket:

@@ -8,17 +8,13 @@ must get its expected answer, leave the server ready, and keep its peak resident
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from live import free_port, live_server
 
 from bench.hostile import (
     COCO_MINI,
@@ -39,14 +35,6 @@ DEMO = ROOT / "models" / "demo.onnx"
 TOKEN = "hostile-test-token"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     if not DEMO.exists():
@@ -54,36 +42,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     folder = tmp_path_factory.mktemp("hostile")
     model = folder / "model.onnx"  # a copy: the tampered-artifact case replaces the served file
     shutil.copy2(DEMO, model)
-    port = _free_port()
-    # The caller's own SSD_ settings are dropped: the limits under test are the defaults.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
-    env |= {"SSD_MODEL_PATH": str(model), "SSD_ADMIN_TOKEN": TOKEN, "SSD_PROVIDERS": "cpu"}
-    log_path = folder / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    target = Target(f"http://127.0.0.1:{port}", process.pid, TOKEN, model, photos())
-    try:
-        deadline = time.monotonic() + 60
-        while not _up(target):
-            if process.poll() is not None:
-                pytest.fail(f"ssd serve exited with {process.returncode}: {log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"ssd serve not ready within 60 s: {log_path.read_text()[-3000:]}")
-            time.sleep(0.2)
-        yield target
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    grpc_port = free_port()
+    settings = {"SSD_MODEL_PATH": str(model), "SSD_ADMIN_TOKEN": TOKEN, "SSD_GRPC_PORT": str(grpc_port)}
+    with live_server(folder, settings) as live:
+        yield Target(live.url, live.process.pid, TOKEN, model, photos(), f"127.0.0.1:{grpc_port}")
 
 
 def _up(target: Target) -> bool:
@@ -116,10 +78,10 @@ def test_hostile_case(server: Target, case: Case) -> None:
     assert result.ok and not after, "; ".join([result.describe(), *after])
 
 
-def _fuzz(server: Target, seed: int, count: int) -> None:
+def _fuzz(server: Target, seed: int, count: int, protocol: str = "detect") -> None:
     if not server.photos:
         pytest.skip(NO_PHOTOS)
-    results = [run_case(c, server) for c in fuzz_cases(seed, count, server.photos)]
+    results = [run_case(c, server) for c in fuzz_cases(seed, count, server.photos, protocol)]
     wrong = [r.describe() for r in results if not r.ok]
     after = _aftermath(server)
     assert not wrong and not after, f"{len(wrong)} of {count} wrong:\n" + "\n".join(wrong + after)
@@ -132,6 +94,12 @@ def test_fuzzed_photos_quick(server: Target) -> None:
 @pytest.mark.slow
 def test_fuzzed_photos_many(server: Target) -> None:
     _fuzz(server, seed=2, count=300)
+
+
+@pytest.mark.parametrize("protocol", ["oip-rest", "oip-grpc"])
+def test_fuzzed_photos_through_the_open_inference_protocol(server: Target, protocol: str) -> None:
+    """The same mutations as tensors of the OIP (REST and gRPC): its statuses, its error form."""
+    _fuzz(server, seed=3, count=40, protocol=protocol)
 
 
 def test_mutations_are_reproducible() -> None:

@@ -523,8 +523,20 @@ def test_reload_is_guarded_and_swaps_without_failures(served_artifact, tmp_path)
                 await client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
             ).status_code == 200
             text = (await client.get("/metrics")).text
-            assert metric(text, 'detector_model_reloads_total{result="success"}') == 2
-            assert metric(text, 'detector_model_reloads_total{result="failure"}') == 1
+            assert (
+                metric(
+                    text,
+                    'detector_model_reloads_total{model="ssdlite320_mobilenet_v3_large",result="success"}',
+                )
+                == 2
+            )
+            assert (
+                metric(
+                    text,
+                    'detector_model_reloads_total{model="ssdlite320_mobilenet_v3_large",result="failure"}',
+                )
+                == 1
+            )
             assert 'version="v2"' in text
 
     run(go())

@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import os
 import select
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+from live import free_port, live_server
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -35,12 +33,6 @@ from service.slow_clients import RECHECK_S, BodyRateGuard, default_protocol, gua
 
 ROOT = Path(__file__).resolve().parents[1]
 SLACK = 1.0  # seconds a cut may come after its clock ran out, on a busy test machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -479,35 +471,9 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[Served]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "server.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "cli", "serve", "--model", "models/demo.onnx", "--port", str(port)],
-            cwd=ROOT,
-            env={**os.environ, **SERVE_ENV},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, f"ssd serve exited: {log.read_text()}"
-            assert time.monotonic() < deadline, f"not ready in 60 s: {log.read_text()}"
-            try:
-                conn = Conn(port)
-                conn.send(get("/readyz"))
-                ready = conn.response().status == 200
-                conn.close()
-                if ready:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.2)
-        yield Served(port, log)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    folder = tmp_path_factory.mktemp("serve")
+    with live_server(folder, {"SSD_MODEL_PATH": str(ROOT / "models" / "demo.onnx"), **SERVE_ENV}) as live:
+        yield Served(int(live.url.rsplit(":", 1)[1]), live.log)
 
 
 def small_jpeg(side: int = 64) -> bytes:

@@ -47,6 +47,10 @@ class Peer:
     _parse: Callable[[object], list] = field(repr=False)
     _unavailable: Callable[[], str | None] = field(default=lambda: None, repr=False)
     notes: str = ""  # how the common settings map onto this server, and what differs
+    # The gRPC method ``request`` bytes are for (a serialized message), sent to the server's
+    # gRPC port; None: they are complete HTTP/1.1 requests.
+    grpc_method: str | None = None
+    raw_answer: bool = False  # ``_parse`` takes the answer's bytes (binary tensors), not its JSON
 
     def unavailable(self) -> str | None:
         """Why this peer cannot run here, or None when it can."""
@@ -77,7 +81,7 @@ class Peer:
         if status != 200:
             raise ValueError(f"{self.name}: status {status}: {body[:300]!r}")
         try:
-            found = self._parse(json.loads(body))
+            found = self._parse(body if self.raw_answer else json.loads(body))
             if not isinstance(found, list) or not all(isinstance(d, dict) and "box" in d for d in found):
                 raise TypeError("detections are not a list of objects with boxes")
         except (ValueError, KeyError, IndexError, TypeError) as exc:
@@ -108,14 +112,77 @@ def _ssd_env(threads: int, max_batch: int, max_delay_ms: float) -> dict[str, str
 
 def _ours_command(artifact: Path, port: int, max_batch: int, max_delay_ms: float, threads: int) -> Command:
     argv = [sys.executable, "-m", "cli", "serve", "--model", str(artifact), "--port", str(port)]
-    # A queue of 256 images and no wait bound: the load, not admission, decides (the peers have
-    # neither); `ssd bench overload` and `soak` measure admission with the service's defaults.
-    env = {"SSD_MAX_QUEUE_SIZE": "256", "SSD_MAX_QUEUE_WAIT_MS": "0"}
+    # A queue of 256 images (the default): the load, not admission, decides (the peers have no
+    # such bound); `ssd bench overload` and `soak` measure admission with every default.
+    env = {"SSD_MAX_QUEUE_SIZE": "256"}
     return argv, {**_ssd_env(threads, max_batch, max_delay_ms), **env}
 
 
 def _ours_request(image: bytes, port: int) -> bytes:
     return _http("/detect", port, "image/jpeg", image)
+
+
+OIP_MODEL = "detector"  # SSD_MODEL_NAME of ours when asked through the Open Inference Protocol
+
+
+def _ours_oip_command(
+    artifact: Path, port: int, max_batch: int, max_delay_ms: float, threads: int
+) -> Command:
+    argv, env = _ours_command(artifact, port, max_batch, max_delay_ms, threads)
+    return argv, {**env, "SSD_MODEL_NAME": OIP_MODEL}
+
+
+def _oip_header(image: bytes, binary_outputs: bool) -> bytes:
+    """What tritonclient sends by default: the image as a binary BYTES [1] tensor, no outputs
+    named, ``binary_data_output`` (every output as binary data)."""
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": "images", "shape": [1], "datatype": "BYTES",
+                 "parameters": {"binary_data_size": len(image) + 4}}
+            ],
+            "parameters": {"binary_data_output": binary_outputs},
+        },
+        separators=(",", ":"),
+    ).encode()  # fmt: skip
+
+
+def _ours_oip_rest_request(image: bytes, port: int) -> bytes:
+    header = _oip_header(image, binary_outputs=True)
+    body = header + len(image).to_bytes(4, "little") + image
+    return _http(
+        f"/v2/models/{OIP_MODEL}/infer",
+        port,
+        "application/octet-stream",
+        body,
+        f"Inference-Header-Content-Length: {len(header)}\r\n",
+    )
+
+
+def _ours_oip_grpc_request(image: bytes, port: int) -> bytes:
+    from service.oip.proto import open_inference_grpc_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=OIP_MODEL)
+    request.inputs.add(name="images", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(len(image).to_bytes(4, "little") + image)
+    return request.SerializeToString()
+
+
+def _ours_oip_parse(answer: object) -> list:
+    """The OIP's binary tensors as detection objects (boxes only: what the smoke check needs).
+    The JSON header's length is where the JSON ends (the answer's header says it too)."""
+    import numpy as np
+
+    raw = bytes(answer)  # type: ignore[arg-type]
+    head, end = json.JSONDecoder().raw_decode(raw.decode("latin-1"))
+    arrays, at = {}, end
+    for output in head["outputs"]:
+        size = output["parameters"]["binary_data_size"]
+        dtype = np.int64 if output["datatype"] == "INT64" else np.float32
+        arrays[output["name"]] = np.frombuffer(raw[at : at + size], dtype).reshape(output["shape"])
+        at += size
+    count = int(arrays["num_detections"][0])
+    return [{"box": box.tolist()} for box in arrays["boxes"][0, :count]]
 
 
 def _ours_parse(answer: object) -> list:
@@ -222,6 +289,26 @@ PEERS: dict[str, Peer] = {
         _ours_parse,
         notes="FastAPI + uvicorn, one process; decodes each request in a thread pool as it arrives, "
         "batches images (max_batch, max_delay_ms) for one inference thread.",
+    ),
+    # Ours again, asked through the Open Inference Protocol (`ssd bench serve --protocol`).
+    "ours-oip-rest": Peer(
+        "ours-oip-rest",
+        "/readyz",
+        _ours_oip_command,
+        _ours_oip_rest_request,
+        _ours_oip_parse,
+        notes="ours; POST /v2/models/detector/infer, the JPEG as a binary BYTES tensor, every output "
+        "as binary data (tritonclient's defaults).",
+        raw_answer=True,
+    ),
+    "ours-oip-grpc": Peer(
+        "ours-oip-grpc",
+        "/readyz",
+        _ours_oip_command,
+        _ours_oip_grpc_request,
+        _ours_oip_parse,
+        notes="ours; gRPC ModelInfer, the JPEG in raw_input_contents, one channel per client.",
+        grpc_method="/inference.GRPCInferenceService/ModelInfer",
     ),
     "bentoml": Peer(
         "bentoml",

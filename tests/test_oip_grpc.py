@@ -1,0 +1,188 @@
+"""The Open Inference Protocol over gRPC, in-process (the app's lifespan serves it on a free port):
+the committed stubs match the .proto, metadata, inference equal to REST's, typed contents, the
+receive limit, errors as status codes, deadlines and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from live import free_port
+from test_oip import INFER, MODEL, binary_request, parse_response
+from test_service import CLASSES, encode, metric, run, scene, serving, settings
+
+from service.oip.proto import open_inference_grpc_pb2 as pb
+from service.oip.proto import open_inference_grpc_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO = Path("service/oip/proto/open_inference_grpc.proto")
+GENERATED = ("open_inference_grpc_pb2.py", "open_inference_grpc_pb2.pyi", "open_inference_grpc_pb2_grpc.py")
+
+
+def test_the_committed_stubs_are_generated_from_the_committed_proto(tmp_path):
+    target = tmp_path / "out"
+    (target / PROTO.parent).mkdir(parents=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={target}",
+         f"--pyi_out={target}", f"--grpc_python_out={target}", str(PROTO)],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    for name in GENERATED:
+        fresh = (target / PROTO.parent / name).read_text()
+        assert fresh == (ROOT / PROTO.parent / name).read_text(), f"{name} is stale: run make proto"
+
+
+def infer_request(images=(), pixels=None, **parameters) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=MODEL, id="g-1")
+    if pixels is not None:
+        request.inputs.add(name="pixels", datatype="UINT8", shape=list(pixels.shape))
+        request.raw_input_contents.append(pixels.tobytes())
+    else:
+        request.inputs.add(name="images", datatype="BYTES", shape=[len(images)])
+        request.raw_input_contents.append(b"".join(len(i).to_bytes(4, "little") + i for i in images))
+    for key, value in parameters.items():
+        field = {bool: "bool_param", int: "int64_param", float: "double_param", str: "string_param"}[
+            type(value)
+        ]
+        setattr(request.parameters[key], field, value)
+    return request
+
+
+def outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    types = {"INT64": np.int64, "FP32": np.float32}
+    return {
+        o.name: np.frombuffer(raw, types[o.datatype]).reshape(list(o.shape))
+        for o, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+
+
+def with_grpc(artifact, check, **overrides):
+    """Run ``check(client, stub)`` against an app serving ``artifact``, with gRPC on a free port."""
+    port = free_port()
+
+    async def go():
+        config = settings(artifact, grpc_port=port, **overrides)
+        async with serving(config) as client, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await check(client, pb_grpc.GRPCInferenceServiceStub(channel))
+
+    run(go())
+
+
+def test_health_and_metadata(served_artifact):
+    async def check(client, stub):
+        assert (await stub.ServerLive(pb.ServerLiveRequest())).live
+        assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready
+        server = await stub.ServerMetadata(pb.ServerMetadataRequest())
+        assert server.name == "ssd-detector" and "binary_tensor_data" in server.extensions
+        meta = await stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL, version="1"))
+        assert meta.name == MODEL and list(meta.versions) == ["1"]
+        assert [(i.name, i.datatype, list(i.shape)) for i in meta.inputs] == [
+            ("images", "BYTES", [-1]), ("pixels", "UINT8", [-1, 320, 320, 3])
+        ]  # fmt: skip
+        assert json.loads(meta.properties["classes"]) == CLASSES
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ModelMetadata(pb.ModelMetadataRequest(name="nope"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        text = (await client.get("/metrics")).text
+        assert metric(text, 'detector_requests_total{code="200",route="ModelMetadata"}') == 1
+        assert metric(text, 'detector_requests_total{code="404",route="ModelMetadata"}') == 1
+
+    with_grpc(served_artifact, check)
+
+
+def test_inference_equals_rest(served_artifact):
+    images = [encode(scene(640, 480, seed=21)), encode(scene(400, 300, seed=22), "PNG")]
+    parameters = {"score_threshold": 0.25, "max_detections": 25, "classes": "circle,star,hexagon"}
+
+    async def check(client, stub):
+        body, headers = binary_request([("images", "BYTES", [2], images)], parameters=parameters)
+        _, rest = parse_response(await client.post(INFER, content=body, headers=headers))
+        response = await stub.ModelInfer(infer_request(images, **parameters))
+        assert (response.model_name, response.model_version, response.id) == (MODEL, "1", "g-1")
+        got = outputs(response)
+        assert list(got) == ["num_detections", "boxes", "scores", "labels"]
+        for name in got:
+            np.testing.assert_array_equal(got[name], rest[name])
+        assert got["num_detections"].min() > 0
+        # Named outputs only, in the order asked.
+        request = infer_request(images[:1], **parameters)
+        request.outputs.add(name="scores")
+        request.outputs.add(name="num_detections")
+        response = await stub.ModelInfer(request)
+        assert [o.name for o in response.outputs] == ["scores", "num_detections"]
+
+    with_grpc(served_artifact, check)
+
+
+def test_typed_contents_and_the_receive_limit(served_artifact):
+    pixels = np.stack([np.asarray(scene(320, 320, seed=s).convert("RGB")) for s in range(16)])
+
+    async def check(client, stub):
+        # 16 images of pixels are 4.9 MB: past gRPC's default 4 MB receive limit.
+        raw = outputs(await stub.ModelInfer(infer_request(pixels=pixels)))
+        assert raw["num_detections"].shape == (16,)
+        typed = pb.ModelInferRequest(model_name=MODEL)
+        tensor = typed.inputs.add(name="pixels", datatype="UINT8", shape=[1, 320, 320, 3])
+        tensor.contents.uint_contents.extend(pixels[0].reshape(-1).tolist())
+        got = outputs(await stub.ModelInfer(typed))
+        np.testing.assert_array_equal(got["scores"][0], raw["scores"][0])
+
+    with_grpc(served_artifact, check)
+
+
+@pytest.mark.parametrize(
+    ("request_of", "code", "words"),
+    [
+        (lambda: infer_request([b"not an image"]), grpc.StatusCode.INVALID_ARGUMENT, "images[0]"),
+        (lambda: infer_request([b"%!PS-Adobe-3.0 EPSF-3.0\n"]), grpc.StatusCode.INVALID_ARGUMENT, "EPS"),
+        (lambda: infer_request([b"x"] * 17), grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 16"),
+        (lambda: infer_request([b"x"], classes="unicorn"), grpc.StatusCode.INVALID_ARGUMENT, "unknown names"),
+        (lambda: infer_request([b"x"], max_detections="ten"), grpc.StatusCode.INVALID_ARGUMENT, "integer"),
+        (lambda: pb.ModelInferRequest(model_name="nope"), grpc.StatusCode.NOT_FOUND, "unknown model"),
+        (lambda: pb.ModelInferRequest(model_name=MODEL), grpc.StatusCode.INVALID_ARGUMENT, "one input"),
+    ],
+)
+def test_errors_are_status_codes(served_artifact, request_of, code, words):
+    async def check(client, stub):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.ModelInfer(request_of())
+        assert caught.value.code() == code and words in caught.value.details(), caught.value.details()
+        assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+
+    with_grpc(served_artifact, check)
+
+
+def test_deadlines_and_cancellation_stop_the_work(served_artifact):
+    image = encode(scene(seed=23))
+
+    async def check(client, stub):
+        for call in (
+            lambda: stub.ModelInfer(infer_request([image], timeout=1)),  # Triton's timeout: 1 µs
+            lambda: stub.ModelInfer(infer_request([image]), timeout=0.0005),  # the gRPC deadline
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call()
+            assert caught.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        # A client that cancels: its images never reach a batch once it has gone.
+        before = metric((await client.get("/metrics")).text, "detector_images_total")
+        calls = [stub.ModelInfer(infer_request([image] * 16)) for _ in range(4)]
+        await asyncio.sleep(0.01)
+        for c in calls:
+            c.cancel()
+        for c in calls:
+            with pytest.raises(asyncio.CancelledError):
+                await c
+        await asyncio.sleep(1.0)
+        after = metric((await client.get("/metrics")).text, "detector_images_total")
+        assert after - before < 64  # dropped before inference, not all run
+        assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
+
+    with_grpc(served_artifact, check)
