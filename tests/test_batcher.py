@@ -105,6 +105,34 @@ def test_a_batch_waits_only_for_company_known_to_be_coming():
     asyncio.run(go())
 
 
+def test_the_wait_for_decoding_company_is_as_long_as_decoding_takes():
+    async def go():
+        fake = FakeDetector()
+        # No configured delay, but decoding takes about 5 s: a batch waits for an image admitted
+        # and still decoding rather than leave without it.
+        batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=4, max_queue_delay_s=0.0)
+        batcher.start()
+        async with (
+            batcher.admit(1, far(), lead_s=5.0) as first,
+            batcher.admit(1, far(), lead_s=5.0) as second,
+        ):
+            futures = first.submit([image(1)])
+            await asyncio.sleep(0.05)
+            assert fake.batches == []
+            futures += second.submit([image(2)])
+        await asyncio.gather(*futures)
+        assert fake.batches == [2]
+        # Decoding that takes no time: no wait at all, the lone image leaves at once.
+        async with batcher.admit(1, far(), lead_s=0.0) as first, batcher.admit(1, far(), lead_s=0.0):
+            futures = first.submit([image(3)])
+            await asyncio.sleep(0.05)
+            assert fake.batches == [2, 1]
+        await asyncio.gather(*futures)
+        await batcher.stop(1)
+
+    asyncio.run(go())
+
+
 def test_batches_grow_while_the_model_is_busy():
     async def go():
         fake = FakeDetector(seconds=0.1)

@@ -179,3 +179,56 @@ def test_models_added_broken_replaced_and_removed_while_serving(tmp_path, served
 
 async def _is(value, expected) -> bool:
     return (await value) == expected
+
+
+@pytest.mark.slow
+def test_the_demo_model_and_an_ssd300_export_side_by_side_under_load(tmp_path):
+    """Two different artifacts (SSDlite320 with the demo's 6 classes, a random SSD300 VGG16 with 3
+    at 300x300) in one repository: both answer under load; a third added and a corrupt one
+    dropped in while they serve cost no request."""
+    from helpers import calibrated
+
+    from export.exporter import export_artifact
+    from export.sources import Source
+
+    (tmp_path / "ssd300" / "1").mkdir(parents=True)
+    export_artifact(Source(calibrated("ssd300_vgg16", 4), ["a", "b", "c"], "test"),
+                    tmp_path / "ssd300" / "1" / "model.onnx")  # fmt: skip
+    shutil.copy(DEMO, tmp_path / "demo.onnx")
+    image = encode(scene(seed=3))
+
+    async def go():
+        config = repo_settings(tmp_path, model_poll_s=0.2, max_batch_size=2)
+        async with serving(config) as client:
+            meta = (await client.get("/v2/models/ssd300")).json()
+            assert meta["parameters"]["classes"] == ["a", "b", "c"]
+            assert meta["inputs"][1]["shape"] == [-1, 300, 300, 3]
+            stop = asyncio.Event()
+            codes: dict[str, list[int]] = {"demo": [], "ssd300": []}
+
+            async def load(name: str) -> None:
+                while not stop.is_set():
+                    response = await client.post(
+                        "/detect", content=image, headers=JPEG, params={"model": name}
+                    )
+                    codes[name].append(response.status_code)
+
+            traffic = [asyncio.ensure_future(load(name)) for name in codes for _ in range(2)]
+            shutil.copy(DEMO, tmp_path / "third.onnx")
+            (tmp_path / "corrupt.onnx").write_bytes(DEMO.read_bytes()[:100_000])  # truncated
+            for _ in range(600):
+                index = {m["name"]: m["state"] for m in (await client.post("/v2/repository/index")).json()}
+                if index.get("third") == "READY" and index.get("corrupt") == "UNAVAILABLE":
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError(f"the repository did not pick up the new files: {index}")
+            third = await client.post("/detect", content=image, headers=JPEG, params={"model": "third"})
+            assert third.status_code == 200
+            stop.set()
+            await asyncio.gather(*traffic)
+            for name, seen in codes.items():
+                assert seen and set(seen) == {200}, (name, seen)
+            assert (await client.get("/readyz")).status_code == 200
+
+    run(go())
