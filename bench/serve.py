@@ -64,17 +64,19 @@ def sweep(
     concurrency: list[int],
     seconds: float,
     open_loop: list[float] = (),
+    timeout_ms: float | None = None,
 ) -> dict[str, list[dict]]:
-    """Closed loop at each client count; then open loop at each fraction of the closed-loop peak."""
+    """Closed loop at each client count; then open loop at each fraction of the closed-loop peak.
+    ``timeout_ms``: every request's deadline (ours over HTTP only)."""
     closed = []
     for clients in concurrency:
-        summary, _ = measure(server, images, Pace(clients=clients), seconds)
+        summary, _ = measure(server, images, Pace(clients=clients), seconds, timeout_ms=timeout_ms)
         print(f"  {server.peer.name} {json.dumps(summary)}", file=sys.stderr)
         closed.append(summary)
     opened = []
     peak = max((float(p["images_per_s"]) for p in closed), default=0.0)
     for fraction in open_loop:
-        summary, _ = measure(server, images, Pace(rate=fraction * peak), seconds)
+        summary, _ = measure(server, images, Pace(rate=fraction * peak), seconds, timeout_ms=timeout_ms)
         summary["fraction_of_peak"] = fraction
         print(f"  {server.peer.name} {json.dumps(summary)}", file=sys.stderr)
         opened.append(summary)
@@ -191,7 +193,8 @@ def main(args: argparse.Namespace) -> int:
         for name in runs:
             with Server(PEERS[name], artifact, settings, url=args.url, log=out / f"{name}.log") as server:
                 fractions = args.open_loop if name == ours[0] else []
-                runs[name].append(sweep(server, images, args.concurrency, args.seconds, fractions))
+                deadline = args.timeout_ms if PEERS[name].grpc_method is None and name in ours else None
+                runs[name].append(sweep(server, images, args.concurrency, args.seconds, fractions, deadline))
     report["runs"] = args.runs
     report["servers"] = {name: median_sweep(sweeps) for name, sweeps in runs.items()}
     report["point_by_point"] = point_by_point(report["servers"], [*ours[1:], *peers], ours[0])
@@ -252,6 +255,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="fractions of our peak rate",
     )
     parser.add_argument("--seconds", type=float, default=15.0, help="per load point, after a 3 s warm-up")
+    parser.add_argument(
+        "--timeout-ms",
+        type=float,
+        default=None,
+        help="every request's deadline (ours over HTTP; peers have none)",
+    )
     parser.add_argument(
         "--runs", type=int, default=1, help="sweeps per server, interleaved; each point is their median"
     )
