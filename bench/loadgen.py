@@ -228,13 +228,17 @@ def _drive(load: Load) -> Result:
             not_sent = await _open_loop(load, record, origin)
         return time.perf_counter() - origin, not_sent
 
+    cpu = time.process_time()
     elapsed, not_sent = asyncio.run(main())
+    requests = max(1, len(record.status))
     return Result(
         started=np.asarray(record.started, dtype=np.float64),
         latency=np.asarray(record.latency, dtype=np.float64),
         status=np.asarray(record.status, dtype=np.int32),
         elapsed=elapsed,
         not_sent=not_sent,
+        # The load generator's own CPU per request: on a small machine it is taken from the server.
+        extra={"client_cpu_ms_per_request": round((time.process_time() - cpu) * 1000 / requests, 3)},
     )
 
 
@@ -278,4 +282,5 @@ def summarize(result: Result, images_per_request: int = 1) -> dict[str, object]:
         summary["rejected_p99_ms"] = round(float(np.quantile(rejected, 0.99)) * 1000, 1)
     if result.not_sent:
         summary["not_sent"] = result.not_sent
+    summary.update(result.extra)
     return summary

@@ -81,6 +81,7 @@ def test_metadata_and_health(served_artifact):
     async def go():
         async with serving(settings(served_artifact)) as client:
             server = (await client.get("/v2")).json()
+            assert (await client.get("/v2/")).json() == server  # no redirect: clients follow none
             assert server["name"] == "ssd-detector" and "binary_tensor_data" in server["extensions"]
             assert (await client.get("/v2/health/live")).status_code == 200
             assert (await client.get("/v2/health/ready")).status_code == 200

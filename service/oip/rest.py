@@ -245,6 +245,7 @@ def _compressed(request: Request, body: bytes, headers: dict[str, str]) -> bytes
 
 
 @router.get("")
+@router.get("/", include_in_schema=False)  # the OIP's own spelling; tritonclient asks for /v2
 async def server_info() -> dict[str, Any]:
     return server_metadata(EXTENSIONS)
 
