@@ -48,6 +48,12 @@ from .metrics import ModelMetrics
 log = logging.getLogger(__name__)
 
 
+# The learnt lateness holds this long after it was last learnt, then halves every half-life
+# while nothing teaches it (Batcher.lateness).
+LATENESS_HOLD = 1.0
+LATENESS_HALF_LIFE = 1.0
+
+
 class Refused(Exception):
     """Refused at the door (503): ``retry_after`` is the estimated drain time, whole seconds >= 1."""
 
@@ -165,6 +171,7 @@ class Batcher:
         self._reserved = 0  # images admitted and not yet submitted (being read or decoded)
         self._busy_until: float | None = None  # estimated end of the batch running now
         self._lateness = 0.0  # how late estimates have recently been (see _learn)
+        self._learnt_at = 0.0
         self._decode_s = 0.0  # the latest admitted request's expected decoding time (its lead_s)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -195,13 +202,22 @@ class Batcher:
         """When ``count`` images admitted now would be done (the clock's time): from the batch
         times, plus how late such estimates have recently been (HTTP, JSON and the event loop's
         own delays are in no batch time)."""
-        return self.clock() + self._drain_seconds(count) + self._lateness
+        return self.clock() + self._drain_seconds(count) + self.lateness()
+
+    def lateness(self) -> float:
+        """The learnt lateness; once nothing has taught it for LATENESS_HOLD seconds, halved for
+        every LATENESS_HALF_LIFE more. Learning needs admitted requests, so a lateness that
+        refuses every request would otherwise never be unlearnt: 64 clients retrying each 503 at
+        once with timeout_ms=300 locked a service out that way (every request refused, for good)."""
+        idle = self.clock() - self._learnt_at - LATENESS_HOLD
+        return self._lateness * 0.5 ** (idle / LATENESS_HALF_LIFE) if idle > 0 else self._lateness
 
     def _learn(self, late: float) -> None:
         # A moving average of how much later than the batch times alone predicted admitted
         # requests finished (never below 0: an early finish only means there was room). It is
         # learnt from the raw estimate, not the corrected one, so it cannot feed on itself.
-        self._lateness = max(0.0, 0.9 * self._lateness + 0.1 * late)
+        self._lateness = max(0.0, 0.9 * self.lateness() + 0.1 * late)
+        self._learnt_at = self.clock()
 
     def retry_after(self) -> int:
         """Whole seconds until the work ahead has drained: at least 1."""

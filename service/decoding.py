@@ -42,17 +42,20 @@ def _finish(opened: Opened, input_size: tuple[int, int], max_pixels: int) -> Dec
 
 
 # How much lower a decode thread's priority is than the rest of the process (Linux nice steps).
-DECODE_NICE = 10
+DECODE_NICE = 5
 
 
 def _yield_to_inference() -> None:
     """Run in each decode thread as it starts: lower its scheduling priority.
 
     At saturation inference is the bottleneck, and a batch is only as fast as ONNX Runtime's
-    slowest intra-op thread. Four decode threads at equal priority took 4/6 of two cores from
-    it; at nice +10 they fill the time inference leaves instead, and decoding stalls only
-    while a batch runs, which is when the queue has work anyway. Measured on 2 cores, same run
-    (docs/benchmarks.md "Scheduling"): 16-64 clients +5-12% images/s, p99 lower.
+    slowest intra-op thread. Four decode threads at equal priority took most of two cores from
+    it; below it they fill the time inference leaves. Not too far below: a decode thread that is
+    descheduled while it holds the GIL stalls the event loop until it runs again. Measured on 2
+    cores (docs/benchmarks.md "Scheduling"): nice +10 gave +5-12% images/s at 16-64 clients
+    over +0, and +5 did as well or better than +10 with a lower p99 (116.7 against 120.9 ms at 8
+    clients, 379.8 against 391.6 at 32), and refusals under 2x overload answered in 23 ms at
+    the p99 against 38.5 ms with +10.
     Linux only: there setpriority on a thread id applies to that thread alone.
     """
     if sys.platform != "linux":

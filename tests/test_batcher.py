@@ -10,7 +10,15 @@ import numpy as np
 import pytest
 
 from service.artifact import Detections
-from service.batcher import Batcher, DeadlineExceeded, Overloaded, QueueFull, ShuttingDown
+from service.batcher import (
+    LATENESS_HALF_LIFE,
+    LATENESS_HOLD,
+    Batcher,
+    DeadlineExceeded,
+    Overloaded,
+    QueueFull,
+    ShuttingDown,
+)
 from service.metrics import Metrics
 
 
@@ -232,6 +240,28 @@ def test_admission_estimates_completion_from_batch_times_and_refuses_past_the_de
             async with batcher.admit(1, clock.now + 1) as ticket:
                 ticket.submit([image(0), image(1)])
         assert batcher.estimated_completion(0) == pytest.approx(clock.now)
+
+    asyncio.run(go())
+
+
+def test_a_learnt_lateness_that_refuses_everything_wears_off():
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        for _ in range(30):  # requests answered a second later than the batch times promised
+            async with batcher.admit(1, clock.now + 10) as ticket:
+                clock.now += 1.0
+                ticket.done()
+        assert batcher.lateness() > 0.8
+        with pytest.raises(Overloaded):  # 300 ms is out of reach while that is remembered
+            batcher.check(1, clock.now + 0.3)
+        # Nothing admitted, nothing learnt: after a while the lateness halves by itself.
+        clock.now += LATENESS_HOLD
+        assert batcher.lateness() == batcher._lateness
+        clock.now += 4 * LATENESS_HALF_LIFE
+        assert batcher.lateness() == pytest.approx(batcher._lateness / 16)
+        batcher.check(1, clock.now + 0.3)
 
     asyncio.run(go())
 
