@@ -441,6 +441,17 @@ def test_requests_that_cannot_make_their_deadline_are_refused_at_the_door(served
                 "/detect", content=image, headers=JPEG, params={"timeout_ms": 10_001}
             )
             assert_error(too_long, 422, "invalid_parameters")
+            # What the door (service/door.py) cannot read goes on to the route and its own errors,
+            # never a refusal: a malformed deadline, an unknown model.
+            for params, status, code in (
+                ({"timeout_ms": "soon"}, 422, "invalid_parameters"),
+                ({"timeout_ms": "nan"}, 422, "invalid_parameters"),
+                ({"timeout_ms": 50, "model": "nope"}, 404, "model_not_found"),
+            ):
+                answer = await client.post("/detect", content=image, headers=JPEG, params=params)
+                assert_error(answer, status, code)
+            # A refusal at the door is counted on the route it was meant for.
+            assert 'route="/detect"' in text and 'code="503",route="/detect"' in text
 
     run(go())
 
