@@ -16,8 +16,8 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .batcher import Refused, ShuttingDown
-from .errors import error_response
-from .inference import refusal
+from .errors import APIError, error_response
+from .inference import deadline, refusal
 from .repository import ModelNotFound
 from .uploads import Limits, discard_body
 
@@ -38,20 +38,18 @@ class Door:
         state = getattr(scope["app"].state, "service", None)
         if state is None:
             return False
+        arrival = scope.get("state", {}).get("arrival")
+        if arrival is None:
+            return False
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        timeout_ms = _number(query.get("timeout_ms"))
-        limit_s = state.settings.request_timeout_s
-        if timeout_ms is False or (timeout_ms is not None and not 0 < timeout_ms <= limit_s * 1000):
-            return False  # the route's 422
         names = query.get("model")
         try:
             model = state.repository.get(names[-1] if names else None)
-        except ModelNotFound:
-            return False  # the route's 404
-        arrival = scope.get("state", {}).get("arrival")
-        if model.detector is None or arrival is None:
+            due = deadline(state, arrival, _number(query.get("timeout_ms")))
+        except (ModelNotFound, APIError):
+            return False  # the route's 404 or 422
+        if model.detector is None:
             return False
-        due = arrival + (timeout_ms / 1000 if timeout_ms is not None else limit_s)
         try:
             model.batcher.check(1, due, state.decoder.typical_seconds)
         except (Refused, ShuttingDown) as exc:

@@ -33,10 +33,10 @@ from .protocol import (
     bad,
     check_outputs,
     element_count,
+    from_raw,
     model_metadata,
     run,
     server_metadata,
-    split_bytes,
 )
 from .rest import EXTENSIONS, body_limit
 
@@ -84,23 +84,14 @@ def _tensors(request: pb.ModelInferRequest) -> list[Tensor]:
     tensors = []
     for index, spec in enumerate(request.inputs):
         shape = [int(d) for d in spec.shape]
-        count = element_count(shape)
-        if spec.datatype != "BYTES" and spec.datatype not in DATATYPES:
-            raise bad(f"input {spec.name!r}: unknown datatype {spec.datatype!r}")
         if raw:
-            if spec.datatype == "BYTES":
-                data: Any = split_bytes(raw[index], spec.name)
-            else:
-                dtype = DATATYPES[spec.datatype].newbyteorder("<")
-                if len(raw[index]) != count * dtype.itemsize:
-                    size = len(raw[index])
-                    raise bad(f"input {spec.name!r}: {size} bytes is not {spec.datatype} of shape {shape}")
-                data = np.frombuffer(raw[index], dtype).astype(dtype.newbyteorder("="))
-        else:
-            values = getattr(spec.contents, CONTENTS.get(spec.datatype, ""), None)
-            if values is None:
-                raise bad(f"input {spec.name!r}: {spec.datatype} needs raw_input_contents")
-            data = list(values) if spec.datatype == "BYTES" else np.asarray(values, DATATYPES[spec.datatype])
+            tensors.append(from_raw(spec.name, spec.datatype, shape, raw[index]))
+            continue
+        element_count(shape)
+        values = getattr(spec.contents, CONTENTS.get(spec.datatype, ""), None)
+        if values is None:
+            raise bad(f"input {spec.name!r}: unknown datatype {spec.datatype!r}")
+        data = list(values) if spec.datatype == "BYTES" else np.asarray(values, DATATYPES[spec.datatype])
         tensors.append(Tensor(spec.name, spec.datatype, shape, data))
     return tensors
 

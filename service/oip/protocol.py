@@ -91,6 +91,20 @@ def split_bytes(raw: bytes | memoryview, name: str) -> list[bytes]:
     return out
 
 
+def from_raw(name: str, datatype: str, shape: list[int], raw: bytes | memoryview) -> Tensor:
+    """An input from its raw form (REST's binary data, gRPC's raw_input_contents): little-endian,
+    row-major, BYTES elements length-prefixed."""
+    if datatype != "BYTES" and datatype not in DATATYPES:
+        raise bad(f"input {name!r}: unknown datatype {datatype!r}")
+    count = element_count(shape)
+    if datatype == "BYTES":
+        return Tensor(name, datatype, shape, split_bytes(raw, name))
+    dtype = DATATYPES[datatype].newbyteorder("<")
+    if len(raw) != count * dtype.itemsize:
+        raise bad(f"input {name!r}: {len(raw)} bytes is not {datatype} of shape {shape}")
+    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")))
+
+
 def join_bytes(elements: Sequence[bytes]) -> bytes:
     return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
 

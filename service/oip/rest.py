@@ -45,10 +45,10 @@ from .protocol import (
     bad,
     check_outputs,
     element_count,
+    from_raw,
     model_metadata,
     run,
     server_metadata,
-    split_bytes,
 )
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -123,13 +123,7 @@ def _tensor(spec: Any, binary: memoryview, at: int) -> tuple[Tensor, int]:
     if size is not None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or at + size > len(binary):
             raise bad(f"input {name!r}: binary_data_size {size!r} does not fit the binary data")
-        raw, at = binary[at : at + size], at + size
-        if datatype == "BYTES":
-            return Tensor(name, datatype, shape, split_bytes(raw, name)), at
-        dtype = DATATYPES[datatype].newbyteorder("<")
-        if size != count * dtype.itemsize:
-            raise bad(f"input {name!r}: {size} bytes is not shape {shape} of {datatype}")
-        return Tensor(name, datatype, shape, np.frombuffer(raw, dtype).astype(dtype.newbyteorder("="))), at
+        return from_raw(name, datatype, shape, binary[at : at + size]), at + size
     if "data" not in spec:
         raise bad(f"input {name!r} has neither data nor binary_data_size")
     data = spec["data"]
