@@ -155,9 +155,6 @@ class Repository:
         models = self._models.values()
         return any(m.ready for m in models) and all(m.tried.is_set() for m in models)
 
-    def queued(self) -> int:
-        return sum(len(m.batcher) for m in self._models.values())
-
     # --- Life --------------------------------------------------------------------------------
 
     async def start(self) -> None:

@@ -105,10 +105,6 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes | memoryview
     return Tensor(name, datatype, shape, np.frombuffer(raw, dtype).astype(dtype.newbyteorder("=")))
 
 
-def join_bytes(elements: Sequence[bytes]) -> bytes:
-    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
-
-
 # --- Metadata --------------------------------------------------------------------------------
 
 
