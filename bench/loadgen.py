@@ -58,10 +58,11 @@ class Result:
 
 _LENGTH = re.compile(rb"(?im)^content-length: *(\d+)")
 _CHUNKED = re.compile(rb"(?im)^transfer-encoding: *chunked")
+_CLOSE = re.compile(rb"(?im)^connection: *close")
 
 
-async def _response(reader: asyncio.StreamReader) -> int:
-    """Reads one response; returns its status."""
+async def _response(reader: asyncio.StreamReader) -> tuple[int, bool]:
+    """Reads one response; returns its status and whether the server closes the connection."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head.split(b" ", 2)[1])
     length = _LENGTH.search(head)
@@ -73,7 +74,7 @@ async def _response(reader: asyncio.StreamReader) -> int:
             await reader.readexactly(size + 2)
             if size == 0:
                 break
-    return status
+    return status, _CLOSE.search(head) is not None
 
 
 Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
@@ -91,7 +92,11 @@ async def _exchange(
         reader, writer = connection
         writer.write(request)
         await writer.drain()
-        return await _response(reader), connection
+        status, closing = await _response(reader)
+        if closing:  # as HTTP clients do: the next request goes on a new connection
+            writer.close()
+            return status, None
+        return status, connection
     except asyncio.IncompleteReadError as exc:
         connection[1].close()
         if reused and not exc.partial:
@@ -171,7 +176,7 @@ async def _closed_loop(load: Load, record: _Recorder, origin: float) -> None:
             sent += load.clients or 1
             started = time.perf_counter()
             status, connection = await _exchange(load, connection, request)
-            if connection is None:
+            if status == CONNECTION_FAILED:
                 await asyncio.sleep(0.05)  # a refused connection must not spin
             record.add(started - origin, time.perf_counter() - started, status)
         if connection is not None:

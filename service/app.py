@@ -19,7 +19,7 @@ from . import errors
 from .artifact import ArtifactError
 from .decoding import Decoder
 from .detect import detect
-from .door import Door
+from .door import DoorApp
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import ObservabilityMiddleware
@@ -65,7 +65,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
             await repository.stop(settings.shutdown_timeout_s)
             decoder.shutdown()
 
-    app = FastAPI(
+    app = DoorApp(  # refusals at the door, outside every middleware (service/door.py)
         title="SSD detector",
         version="1",
         lifespan=lifespan,
@@ -73,9 +73,6 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         redoc_url=None,
     )
     errors.install(app)
-    # Nearest the routes: refusals at the door without routing (service/door.py), their bodies
-    # read under the body clock of the guard around it.
-    app.add_middleware(Door)
     # Inside the metrics middleware (added after it, so nearer the routes): its 408s are counted and logged.
     app.add_middleware(BodyRateGuard, timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
     app.add_middleware(ObservabilityMiddleware, metrics=metrics)

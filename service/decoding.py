@@ -33,9 +33,17 @@ MB = 1024 * 1024
 TRIM_ABOVE = 64 * MB
 
 
-def _finish(opened: Opened, input_size: tuple[int, int], max_pixels: int) -> Decoded:
+def _open(data: bytes, input_size: tuple[int, int], max_pixels: int) -> tuple[Opened, float]:
+    """The header read, and the seconds it took in its thread."""
+    started = time.perf_counter()
+    return open_image(data, input_size, max_pixels), time.perf_counter() - started
+
+
+def _finish(opened: Opened, input_size: tuple[int, int], max_pixels: int) -> tuple[Decoded, float]:
+    """The pixels, and the seconds they took in their thread."""
+    started = time.perf_counter()
     try:
-        return finish(opened, input_size, max_pixels)
+        return finish(opened, input_size, max_pixels), time.perf_counter() - started
     finally:
         if opened.cost > TRIM_ABOVE:
             release_free_memory()
@@ -110,18 +118,37 @@ class Decoder:
 
     def __init__(self, threads: int, budget_bytes: int, max_pixels: int, metrics: Metrics) -> None:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="decode", initializer=_yield_to_inference)
+        self.threads = threads
         self.budget = DecodeBudget(budget_bytes)
         self.max_pixels = max_pixels
         self.metrics = metrics
-        # Recent seconds from an image's bytes to its pixels, waits included (a moving average):
-        # admission counts it before a request's images can join the queue.
-        self.typical_seconds = 0.0
+        self._work_s = 0.0  # recent seconds of one image's decoding in its thread (moving average)
+        self._in_flight = 0  # images being decoded or waiting for a thread or the budget
+
+    @property
+    def typical_seconds(self) -> float:
+        """How long an image handed over now would take to decode: its own decoding after the
+        images ahead of it, on ``threads`` threads. Admission counts it before a request's images
+        can join the queue. From the images in flight now, not from how long recent ones waited:
+        an average of waits is never unlearnt when nothing is decoded, and after a storm of
+        refusals it refused every request, for good (64 clients retrying each 503 at once)."""
+        return self._work_s * (1 + self._in_flight // self.threads)
 
     async def decode(self, data: bytes, input_size: tuple[int, int]) -> Decoded:
         """Encoded bytes -> pixels at ``input_size``. Raises images.ImageError (4xx)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        opened: Opened = await loop.run_in_executor(self.pool, open_image, data, input_size, self.max_pixels)
+        self._in_flight += 1
+        try:
+            return await self._decode(loop, data, input_size)
+        finally:
+            self._in_flight -= 1
+            self.metrics.preprocess.observe(time.perf_counter() - started)
+
+    async def _decode(
+        self, loop: asyncio.AbstractEventLoop, data: bytes, input_size: tuple[int, int]
+    ) -> Decoded:
+        opened, opening_s = await loop.run_in_executor(self.pool, _open, data, input_size, self.max_pixels)
         if opened.cost > self.budget.total:
             opened.close()
             raise ImageTooLarge(
@@ -134,19 +161,16 @@ class Decoder:
         except BaseException:  # the request gave up (deadline, disconnect) before its turn
             opened.close()
             raise
-        work: Future[Decoded] = self.pool.submit(_finish, opened, input_size, self.max_pixels)
+        work: Future[tuple[Decoded, float]] = self.pool.submit(_finish, opened, input_size, self.max_pixels)
 
-        def release(_: Future[Decoded]) -> None:  # in the thread, when decoding really ends
+        def release(_: Future[tuple[Decoded, float]]) -> None:  # in the thread, when decoding really ends
             # A closed loop (shutdown) raises RuntimeError: nothing waits for the budget any more.
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self.budget.release, granted)
 
         work.add_done_callback(release)
-        try:
-            decoded = await asyncio.wrap_future(work, loop=loop)
-        finally:
-            self.metrics.preprocess.observe(time.perf_counter() - started)
-        self.typical_seconds = 0.9 * self.typical_seconds + 0.1 * (time.perf_counter() - started)
+        decoded, finishing_s = await asyncio.wrap_future(work, loop=loop)
+        self._work_s = 0.9 * self._work_s + 0.1 * (opening_s + finishing_s)
         return decoded
 
     def shutdown(self) -> None:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import ClientDisconnect
 
 from .batcher import Refused, ShuttingDown
+from .door import HELD
 from .inference import Query, answered, deadline, door, infer, ready_model, refusal
 from .state import ModelQuery, StateDep, served
 from .uploads import Limits, discard_body, read_uploads, until_disconnect
@@ -44,10 +45,13 @@ async def detect(
     due = deadline(state, getattr(request.state, "arrival", None), timeout_ms)
 
     limits = Limits(state.settings.max_image_bytes, state.settings.max_images_per_request)
-    try:
-        door(state, chosen, due)
-    except (Refused, ShuttingDown) as exc:
-        raise refusal(state, exc, body_read=await discard_body(request, limits.multipart_bytes)) from exc
+    held = getattr(request.state, HELD, None)  # admitted at the door (service/door.py)
+    if held is None:
+        try:
+            door(state, chosen, due)
+        except (Refused, ShuttingDown) as exc:
+            await discard_body(request, limits.multipart_bytes)
+            raise refusal(state, exc) from exc
     try:
         uploads = await read_uploads(request, limits)
     except ClientDisconnect:
@@ -57,6 +61,7 @@ async def detect(
     found = await infer(
         state, chosen, [u.data for u in uploads], due, lambda: until_disconnect(request),
         [u.filename for u in uploads], timeout_ms / 1000 if timeout_ms else state.settings.request_timeout_s,
+        held,
     )  # fmt: skip
     results = [
         {"filename": u.filename, "width": f.width, "height": f.height, "detections": f.json(query)}

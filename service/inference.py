@@ -29,7 +29,7 @@ import numpy as np
 from starlette.requests import ClientDisconnect
 
 from .artifact import Detections, ModelInfo
-from .batcher import DeadlineExceeded, QueueFull, Refused, ShuttingDown
+from .batcher import DeadlineExceeded, QueueFull, Refused, ShuttingDown, Ticket
 from .errors import APIError
 from .images import ImageError
 from .repository import ServedModel
@@ -91,14 +91,17 @@ def deadline(state: State, arrival: float | None, timeout_ms: float | None) -> f
     return (arrival or time.monotonic()) + (timeout_ms / 1000 if timeout_ms is not None else limit)
 
 
-def refusal(state: State, exc: Exception, body_read: bool = True) -> APIError:
+def refusal(state: State, exc: Exception) -> APIError:
     """The 503 or 504 for a request the batcher refused or dropped, counted once."""
     if isinstance(exc, Refused):
         code = "queue_full" if isinstance(exc, QueueFull) else "overloaded"
         state.metrics.rejected.labels(code).inc()
-        headers = {"Retry-After": str(exc.retry_after)}
-        if not body_read:
-            headers["Connection"] = "close"  # answered without reading the body: do not read it
+        # The connection is closed: a client that retries at once (not honouring Retry-After)
+        # must reconnect first, and pays for it. 64 clients retrying each 503 at once with
+        # timeout_ms=300 got 57 images/s answered so, against 6 on kept-alive connections, where
+        # their refusals took the whole event loop (docs/benchmarks.md, Scheduling). Closing
+        # also spares the body of a refusal answered without reading it.
+        headers = {"Retry-After": str(exc.retry_after), "Connection": "close"}
         return APIError(503, f"{exc}; retry in about {exc.retry_after} s", code, headers)
     if isinstance(exc, ShuttingDown):
         state.metrics.rejected.labels("shutting_down").inc()
@@ -166,13 +169,18 @@ async def _run(
     names: Sequence[str | None],
     input_size: tuple[int, int],
     due: float,
+    held: Ticket | None,
 ) -> list[Found]:
-    async with model.batcher.admit(len(images), due, state.decoder.typical_seconds) as ticket:
-        if isinstance(images, np.ndarray):  # pixels at the model's input size: nothing to decode
-            height, width = input_size
-            decoded = [(width, height, pixels) for pixels in images]
-        else:
-            decoded = await _pixels(state, images, names, input_size)
+    async with model.batcher.admit(len(images), due, state.decoder.typical_seconds, held) as ticket:
+        try:
+            if isinstance(images, np.ndarray):  # pixels at the model's input size: nothing to decode
+                height, width = input_size
+                decoded = [(width, height, pixels) for pixels in images]
+            else:
+                decoded = await _pixels(state, images, names, input_size)
+        except (asyncio.CancelledError, DeadlineExceeded):
+            ticket.abandoned()
+            raise
         futures = ticket.submit([pixels for _, _, pixels in decoded])
     try:
         found = list(await asyncio.gather(*futures))
@@ -180,6 +188,7 @@ async def _run(
     except BaseException:
         for f in futures:
             f.cancel()  # the batcher drops cancelled images before inference
+        ticket.abandoned()
         raise
     return [Found(w, h, d) for (w, h, _), d in zip(decoded, found, strict=True)]
 
@@ -192,13 +201,15 @@ async def infer(
     gone: Callable[[], Awaitable[None]] | None = None,
     names: Sequence[str | None] | None = None,
     timeout_s: float | None = None,
+    held: Ticket | None = None,
 ) -> list[Found]:
     """Detections for encoded ``images`` (or ``pixels`` uint8 [B, H, W, 3] at the model's input
     size) by ``due``; ``gone`` returns when the client goes away; ``timeout_s``, the deadline's
-    length, for the 504's message. Raises APIError (4xx, 503, 504) or ClientDisconnect."""
+    length, for the 504's message; ``held``, the request's admission at the door, which the
+    whole count's replaces. Raises APIError (4xx, 503, 504) or ClientDisconnect."""
     info = ready_model(model)
     names = names if names is not None else [None] * len(images)
-    work = asyncio.ensure_future(_run(state, model, images, names, info.input_size, due))
+    work = asyncio.ensure_future(_run(state, model, images, names, info.input_size, due, held))
     watcher = asyncio.ensure_future(gone()) if gone is not None else None
     try:
         await asyncio.wait(

@@ -64,12 +64,11 @@ _PREFIX = os.urandom(8).hex()
 _COUNTER = itertools.count()
 
 
-def _new_id() -> str:
+def new_request_id(given: str = "") -> str:
+    """The client's ``X-Request-Id`` where it is a sane one, else a new id."""
+    if 0 < len(given) <= 128 and given.isascii() and given.isprintable():
+        return given
     return f"{_PREFIX}{next(_COUNTER) & 0xFFFFFFFFFFFFFFFF:016x}"
-
-
-def _valid_id(value: str) -> bool:
-    return 0 < len(value) <= 128 and value.isascii() and value.isprintable()
 
 
 class ObservabilityMiddleware:
@@ -89,15 +88,14 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope["headers"])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _valid_id(given) else _new_id()
+        rid = new_request_id(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1"))
         token = request_id.set(rid)
         route = self._route(scope)
         status = 500
         started = time.perf_counter()
-        # The request's arrival (its headers just read): deadlines count from here.
-        scope.setdefault("state", {})["arrival"] = time.monotonic()
+        # The request's arrival (its headers just read): deadlines count from here. The door
+        # (service/door.py), outside this middleware, sets it first.
+        scope.setdefault("state", {}).setdefault("arrival", time.monotonic())
 
         async def send_with_id(message: Message) -> None:
             nonlocal status

@@ -23,7 +23,9 @@ class State:
     started_at: float
 
 
-def get_state(request: Request) -> State:
+# async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop per request,
+# and under a storm of requests a wait for one of anyio's 40 thread tokens (seen in py-spy).
+async def get_state(request: Request) -> State:
     return request.app.state.service
 
 

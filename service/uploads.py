@@ -182,21 +182,20 @@ async def read_multipart(request: Request, content_type: str, limits: Limits) ->
     return form.uploads
 
 
-async def discard_body(request: Request, limit: int) -> bool:
+async def discard_body(request: Request, limit: int) -> None:
     """Read the body and drop it, never kept, up to ``limit`` bytes: for a request refused
-    before its body was read. A client that sent ``Expect: 100-continue`` has not sent its body
-    and will not (it gets the answer instead of the 100); any other is sending it now, and closing
-    the connection under it would reset it before it reads the answer (HTTP clients write the
-    whole body before reading). Whether the whole body was read (False: close the connection)."""
+    before its body was read, whose answer closes the connection. A client that sent ``Expect:
+    100-continue`` has not sent its body and will not (it gets the answer instead of the 100);
+    any other is sending it now, and closing the connection under it would reset it before it
+    reads the answer (HTTP clients write the whole body before reading)."""
     if request.headers.get("expect", "").lower() == "100-continue":
-        return False
+        return
     read = 0
     with contextlib.suppress(ClientDisconnect):
         async for chunk in request.stream():
             read += len(chunk)
             if read > limit:
-                return False  # past any limit: close the connection rather than read on
-    return True
+                return  # past any limit: the connection closes rather than read on
 
 
 async def read_uploads(request: Request, limits: Limits) -> list[Upload]:

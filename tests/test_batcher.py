@@ -321,3 +321,51 @@ def test_the_estimate_learns_how_late_requests_finish_without_feeding_on_itself(
         assert batcher.estimated_completion(1) - clock.now == pytest.approx(0.05, abs=0.005)
 
     asyncio.run(go())
+
+
+def test_the_door_holds_a_place_that_the_request_s_real_count_replaces():
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, max_queue_size=100, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        due = clock.now + 0.3
+        async with batcher.hold(due) as first, batcher.hold(due), batcher.hold(due), batcher.hold(due):
+            # Four bodies being read: a fifth arrival at the door is behind all four (0.1 + 0.05
+            # s); two more make 300 ms, the next is refused, though nothing is queued yet. (A
+            # check that reserved nothing let a whole burst in at once.)
+            assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.15)
+            async with batcher.hold(due), batcher.hold(due):
+                with pytest.raises(Overloaded):
+                    batcher.check(1, due)
+                # A request whose body is in is ahead of those still reading theirs: its three
+                # images replace its held place, and the other bodies do not count against it.
+                assert batcher.estimated_completion(3, unread=False) == pytest.approx(clock.now + 0.15)
+                async with batcher.admit(3, due, held=first) as ticket:
+                    assert first.pending == 0 and ticket.pending == 3
+                    # A newcomer at the door: 3 decoding and 5 unread ahead of it, then itself.
+                    assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.2 + 0.05)
+            # Every place given back when its block ends, replaced or not: three bodies unread.
+            assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.1)
+        assert batcher.estimated_completion(1) == pytest.approx(clock.now + 0.05)
+
+    asyncio.run(go())
+
+
+def test_requests_that_expire_teach_how_late_the_estimates_are():
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        async with batcher.admit(1, clock.now + 0.3) as early:
+            clock.now += 0.01
+            early.abandoned()  # its client left before the estimate: that says nothing
+        assert batcher.lateness() == 0.0
+        for _ in range(30):  # each gave up 0.25 s after the batch times said it would be done
+            async with batcher.admit(1, clock.now + 10) as ticket:
+                clock.now += 0.3
+                ticket.abandoned()
+        assert batcher.lateness() == pytest.approx(0.25, abs=0.02)
+        with pytest.raises(Overloaded):  # while that is remembered, 300 ms is out of reach
+            batcher.check(1, clock.now + 0.3)
+
+    asyncio.run(go())

@@ -420,16 +420,26 @@ def test_requests_that_cannot_make_their_deadline_are_refused_at_the_door(served
         async with serving(config) as client:
             responses = await asyncio.gather(
                 *(
-                    client.post("/detect", content=image, headers=JPEG, params={"timeout_ms": 50})
-                    for _ in range(20)
+                    client.post(
+                        "/detect",
+                        content=image,
+                        headers={**JPEG, "X-Request-Id": f"burst-{n}"},
+                        params={"timeout_ms": 50},
+                    )
+                    for n in range(20)
                 )
             )
             codes = [r.status_code for r in responses]
             assert 200 in codes and 503 in codes and set(codes) <= {200, 503, 504}, codes
-            refused = next(r for r in responses if r.status_code == 503)
+            n, refused = next((n, r) for n, r in enumerate(responses) if r.status_code == 503)
             assert_error(refused, 503, "overloaded")
             assert int(refused.headers["retry-after"]) >= 1
             assert "past its deadline" in refused.json()["error"]["message"]
+            # Answered outside the other middleware, with what they would have added: the
+            # client's request id; and the connection closed, so that a client retrying at once
+            # must reconnect first.
+            assert refused.headers["x-request-id"] == f"burst-{n}"
+            assert refused.headers["connection"] == "close"
             text = (await client.get("/metrics")).text
             # Refused at the door: only admitted images were decoded (a 504 may have been cut
             # before its decoding started).
@@ -450,8 +460,9 @@ def test_requests_that_cannot_make_their_deadline_are_refused_at_the_door(served
             ):
                 answer = await client.post("/detect", content=image, headers=JPEG, params=params)
                 assert_error(answer, status, code)
-            # A refusal at the door is counted on the route it was meant for.
-            assert 'route="/detect"' in text and 'code="503",route="/detect"' in text
+            # A refusal at the door is counted on the route it was meant for, and timed.
+            assert metric(text, 'detector_requests_total{code="503",route="/detect"}') == codes.count(503)
+            assert metric(text, 'detector_request_duration_seconds_count{route="/detect"}') >= len(codes)
 
     run(go())
 

@@ -210,3 +210,44 @@ def test_decode_threads_run_below_the_rest_of_the_process():
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == here  # the caller's is unchanged
     finally:
         decoder.shutdown()
+
+
+def test_the_decoding_estimate_comes_from_the_images_in_flight_not_from_past_waits():
+    # Admission counts an image's decoding time before it can queue (Decoder.typical_seconds).
+    # An average of past waits was never unlearnt once nothing was decoded, and after a storm of
+    # refusals it refused every request, for good.
+    import io
+    import threading
+
+    from PIL import Image
+
+    from service.decoding import Decoder
+    from service.metrics import Metrics
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (640, 480), (90, 120, 30)).save(buffer, "JPEG")
+    jpeg = buffer.getvalue()
+
+    async def go() -> None:
+        decoder = Decoder(2, 64 * 1024 * 1024, 40_000_000, Metrics())
+        try:
+            assert decoder.typical_seconds == 0.0  # nothing measured yet
+            await decoder.decode(jpeg, (320, 320))
+            alone = decoder.typical_seconds
+            assert 0 < alone < 1
+            # Both threads held up: images waiting behind them make a newcomer's estimate
+            # longer, and it falls back once they are through.
+            gate = threading.Event()
+            blockers = [decoder.pool.submit(gate.wait) for _ in range(2)]
+            waiting = [asyncio.ensure_future(decoder.decode(jpeg, (320, 320))) for _ in range(4)]
+            await asyncio.sleep(0.05)
+            assert decoder.typical_seconds == pytest.approx(3 * alone)  # 4 in flight on 2 threads
+            gate.set()
+            await asyncio.gather(*waiting)
+            assert all(b.done() for b in blockers)
+            # The waits were not learnt as decoding time.
+            assert decoder.typical_seconds < 1.5 * alone + 0.01
+        finally:
+            decoder.shutdown()
+
+    asyncio.run(go())

@@ -287,7 +287,8 @@ async def infer(request: Request, state: StateDep, name: Name, version: str | No
     try:  # at the door, with the longest deadline: the request's own is inside the body
         door(state, model, arrival + state.settings.request_timeout_s)
     except (Refused, ShuttingDown) as exc:
-        raise refusal(state, exc, body_read=await discard_body(request, limit)) from exc
+        await discard_body(request, limit)
+        raise refusal(state, exc) from exc
     try:
         body = await _body(request, limit)
     except ClientDisconnect:

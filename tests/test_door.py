@@ -1,0 +1,32 @@
+"""The door's access log under a storm of refusals: a line for the first, then a count a second."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from service.door import RefusalLog
+
+
+def test_refusals_are_logged_as_a_count_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    async def go() -> None:
+        log = RefusalLog(every_s=0.05)
+        log.add("overloaded", "the request would finish too late", "r1", 0.4)
+        for n in range(500):  # a storm: one line would be written for each
+            log.add("queue_full" if n % 5 == 0 else "overloaded", "...", f"r{n}", 0.3)
+        await asyncio.sleep(0.08)
+        log.add("overloaded", "...", "late", 0.3)  # still refusing: into the next interval
+        await asyncio.sleep(0.08)
+        await asyncio.sleep(0.12)  # quiet: no more lines
+        log.add("overloaded", "after the storm", "r-next", 0.2)  # a line of its own again
+
+    with caplog.at_level(logging.INFO, logger="service.access"):
+        asyncio.run(go())
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.access"]
+    assert len(lines) == 4, lines
+    assert "503" in lines[0] and "the request would finish too late" in lines[0] and "[r1]" in lines[0]
+    assert "x500 more" in lines[1] and "overloaded 400" in lines[1] and "queue_full 100" in lines[1]
+    assert "x1 more" in lines[2]
+    assert "after the storm" in lines[3]
