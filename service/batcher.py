@@ -4,9 +4,9 @@
 waits for company. While a batch runs, the images that arrive queue up and leave together as the
 next batch the moment it ends, so batches grow with the load by themselves. The only wait is
 for company known to be coming: when the executor is free, the queue holds less than a full batch
-and other admitted images are still being decoded, the batch waits for them up to
-``max_queue_delay``, or the recent decoding time where that is longer, after its oldest image
-was queued.
+and other admitted images are still being decoded, the batch waits for them up to the longest
+of ``max_queue_delay``, their decoding time and a full batch's time (what an image left behind
+would wait for the next batch), after its oldest image was queued.
 
 **Deadlines decide admission.** Every request carries its deadline (its arrival plus its timeout).
 The batcher knows how long a batch of each size takes on the current model (measured at
@@ -352,18 +352,22 @@ class Batcher:
 
     async def _wait_for_company(self) -> None:
         """The executor is free: wait only while admitted images are still on their way and the
-        batch is not full, at most until the oldest queued image has waited the delay or the
-        recent decoding time, whichever is longer."""
+        batch is not full, at most until the oldest queued image has waited the longest of the
+        delay, the decoding time and a full batch's time."""
         while (
             self._queue
             and self._reserved > 0
             and len(self._queue) < self.max_batch_size
             and not self._stopping
         ):
-            # The company is coming once decoded: wait up to the recent decoding time (at least
-            # the configured delay). A/B at 8 and 16 clients, two rounds: p99 132 -> 123 and 132
-            # -> 125 ms at 8, images/s no lower at any point (docs/benchmarks.md, Scheduling).
-            wait = max(self.max_delay, self._decode_s)
+            # The company is coming once decoded, and an image left behind would wait a whole
+            # batch for the next one: wait up to a full batch's time or the decoding time, at
+            # least the configured delay. With decode threads below inference, decoding ends
+            # late while a batch runs: a bound of the decoding time alone let batches of 4 leave
+            # at 8 clients, one image in ten a batch late; with a full batch's time they are
+            # full and p99 fell from 122-132 to 95-107 ms, images/s no lower at 2 to 32 clients
+            # (A/B, docs/benchmarks.md "Scheduling").
+            wait = max(self.max_delay, self._decode_s, self.times.of(self.max_batch_size))
             remaining = self._queue[0].enqueued + wait - self.clock()
             if remaining <= 0:
                 return

@@ -113,7 +113,7 @@ def test_a_batch_waits_only_for_company_known_to_be_coming():
     asyncio.run(go())
 
 
-def test_the_wait_for_decoding_company_is_as_long_as_decoding_takes():
+def test_the_wait_for_decoding_company_is_as_long_as_decoding_or_a_batch_takes():
     async def go():
         fake = FakeDetector()
         # No configured delay, but decoding takes about 5 s: a batch waits for an image admitted
@@ -136,6 +136,19 @@ def test_the_wait_for_decoding_company_is_as_long_as_decoding_takes():
             await asyncio.sleep(0.05)
             assert fake.batches == [2, 1]
         await asyncio.gather(*futures)
+        # Batches that take 5 s: an image left behind would wait that long for the next one, so
+        # the batch waits for it, however quick its decoding was expected to be.
+        batcher.calibrate(fake, {4: 5.0})  # type: ignore[arg-type]
+        async with (
+            batcher.admit(1, far(), lead_s=0.0) as first,
+            batcher.admit(1, far(), lead_s=0.0) as second,
+        ):
+            futures = first.submit([image(4)])
+            await asyncio.sleep(0.05)
+            assert fake.batches == [2, 1]
+            futures += second.submit([image(5)])
+        await asyncio.gather(*futures)
+        assert fake.batches == [2, 1, 2]
         await batcher.stop(1)
 
     asyncio.run(go())
