@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from .build import build_model
 from .checkpoint import CheckpointError, atomic_save, read_checkpoint, rng_state, set_rng_state
 from .data import DatasetError, open_dataset
+from .data.summary import Summary
 from .inference import evaluate_model
 from .loss import MultiBoxLoss
 from .malloc import keep_freed_memory
@@ -192,6 +193,11 @@ def train(config: TrainConfig) -> Path:
     except ValueError as exc:
         log.warning("no validation split (%s): best.pt will follow last.pt", exc)
         val_set = None
+    if rank == 0:
+        for split, dataset in ((config.train_split, train_set), (config.val_split, val_set)):
+            if dataset is not None:
+                for line in Summary.of(dataset, f"{config.data} [{split}]").lines():
+                    log.info("%s", line)
     if len(train_set) < config.batch_size * world:
         raise SystemExit(
             f"{len(train_set)} training images cannot fill one batch of {config.batch_size} "

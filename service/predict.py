@@ -1,5 +1,7 @@
-"""``ssd predict FILE.onnx IMAGE... [--out DIR]``: run an artifact on image files with ONNX
-Runtime alone (no torch) and write annotated images and JSON. The quickest look at a model."""
+"""``ssd predict FILE.onnx IMAGE_OR_FOLDER... [--out DIR]``: run an artifact on image files with
+ONNX Runtime alone (no torch) and write annotated images and JSON. The quickest look at a model.
+A folder is walked (sorted, recursively) for files with an image extension; a file named on the
+command line is read whatever its name."""
 
 from __future__ import annotations
 
@@ -34,9 +36,13 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+# What a folder is walked for: the extensions of the formats the service decodes (formats.py).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="the .onnx artifact")
-    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("images", nargs="+", help="image files, or folders to walk for them")
     parser.add_argument("--out", default=None, help="write IMAGE.jpg with boxes and predictions.json here")
     parser.add_argument(
         "--score-threshold",
@@ -46,6 +52,32 @@ def configure(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_SCORE_THRESHOLD}, or the artifact's threshold if that is higher)",
     )
     parser.add_argument("--providers", default="cpu", help="e.g. cuda,cpu (default cpu)")
+
+
+def image_files(arguments: list[str]) -> list[tuple[Path, Path]]:
+    """Each image to read and the name of its annotated copy under ``--out``: a file as given
+    (its own name), a folder's images with their path inside it (so that two ``x.jpg`` in two
+    subfolders stay apart). Raises FileNotFoundError naming an argument that is neither."""
+    found: list[tuple[Path, Path]] = []
+    for argument in arguments:
+        path = Path(argument)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += [(p, p.relative_to(path).with_suffix(".jpg")) for p in files]
+        elif path.exists():
+            found.append((path, Path(path.stem + ".jpg")))
+        else:
+            raise FileNotFoundError(f"{argument}: no such file or folder")
+    taken: set[Path] = set()
+    named = []
+    for source, name in found:  # the same name from two arguments: the second gets a number
+        unique, n = name, 1
+        while unique in taken:
+            n += 1
+            unique = name.with_name(f"{name.stem}-{n}{name.suffix}")
+        taken.add(unique)
+        named.append((source, unique))
+    return named
 
 
 def detect_files(detector: Detector, paths: list[Path], score_threshold: float) -> list[dict[str, Any]]:
@@ -93,7 +125,15 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"ssd predict: {exc}", file=sys.stderr)
         return 2
-    paths = [Path(p) for p in args.images]
+    try:
+        named = image_files(args.images)
+    except FileNotFoundError as exc:
+        print(f"ssd predict: {exc}", file=sys.stderr)
+        return 2
+    if not named:
+        print(f"ssd predict: no images in {', '.join(args.images)}", file=sys.stderr)
+        return 2
+    paths = [source for source, _ in named]
     results = detect_files(detector, paths, threshold)
     info = detector.info
     report = {
@@ -103,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        for path, result in zip(paths, results, strict=True):
+        for (path, name), result in zip(named, results, strict=True):
             if "error" not in result:
-                draw(path, result["detections"], out / f"{path.stem}.jpg")
+                (out / name).parent.mkdir(parents=True, exist_ok=True)
+                draw(path, result["detections"], out / name)
         (out / "predictions.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
     failed = [r for r in results if "error" in r]

@@ -4,7 +4,6 @@ detection. One spec (:class:`Img`) is written in each format, so the same checks
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -209,7 +208,7 @@ def test_boxes_partly_outside_are_clipped(tmp_path, fmt):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_degenerate_boxes_are_dropped_with_one_warning_per_file(tmp_path, fmt, caplog):
+def test_degenerate_boxes_are_dropped_and_listed_once_per_file(tmp_path, fmt):
     objects = [
         (0, 5, 5, 20, 20),  # kept
         (1, 10, 10, 10, 30),  # zero width
@@ -218,15 +217,14 @@ def test_degenerate_boxes_are_dropped_with_one_warning_per_file(tmp_path, fmt, c
     if fmt != "yolo":  # outside the image: empty after clipping (YOLO cannot say that)
         objects.append((1, 70, 10, 90, 20))
     path = WRITERS[fmt](tmp_path, [Img("a", 64, 48, objects), Img("b", objects=[(2, 1, 2, 3, 4)])])
-    with caplog.at_level(logging.WARNING, logger="model.data"):
-        dataset = open_dataset(path)
+    dataset = open_dataset(path)
     np.testing.assert_allclose(dataset.annotations[0].boxes, [[5, 5, 20, 20]], atol=1e-4)
     assert dataset.annotations[0].labels.tolist() == [0]
     assert dataset.annotations[1].labels.tolist() == [2]
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert str(annotation_file(tmp_path, fmt, "a")) in warnings[0].getMessage()
-    assert f"dropped {len(objects) - 1} box" in warnings[0].getMessage()
+    # Listed for the summary said when the dataset opens (model/data/summary.py), once per file.
+    [(where, why)] = dataset.skipped
+    assert str(annotation_file(tmp_path, fmt, "a")) in where
+    assert why.startswith(f"{len(objects) - 1} box(es) of zero or negative area")
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -495,3 +493,71 @@ def test_coco_mini():
     assert tuple(image.shape) == (3, dataset.annotations[0].height, dataset.annotations[0].width)
     assert len(target["boxes"]) == int((~dataset.annotations[0].crowd).sum())
     assert len(open_dataset(COCO_MINI, split="val")) == 79  # the folder, split picks the file
+
+
+# ---------------------------------------------------------------- frictions of real datasets
+
+
+def test_a_coco_file_alone_says_how_to_use_it_for_both_splits(tmp_path):
+    # coco-mini's instances_val2017.json, given to `ssd train` with its default splits.
+    path = write_coco(tmp_path, [Img("a", objects=[(0, 1, 1, 9, 9)])], split="val2017")
+    (tmp_path / "annotations" / "instances_val2017.json").rename(tmp_path / "instances_val2017.json")
+    lonely = tmp_path / "instances_val2017.json"
+    assert not path.exists() and lonely.is_file()
+    with pytest.raises(DatasetError, match=r"is not beside it\. .*--train-split val --val-split val"):
+        open_dataset(lonely, split="train")
+    assert len(open_dataset(lonely, split="val")) == 1
+
+
+def test_voc_with_classes_of_its_own_is_told_of_labels_txt(tmp_path):
+    root = write_voc(tmp_path, [Img("a", objects=[(0, 1, 1, 9, 9)])], classes=["dining table", "cup"])
+    (root / "labels.txt").unlink(missing_ok=True)
+    with pytest.raises(
+        DatasetError, match=r"unknown class name 'dining table'.*one name per line.*labels\.txt"
+    ):
+        open_dataset(root)
+    (root / "labels.txt").write_text("dining table\ncup\n")
+    assert open_dataset(root).classes == ["dining table", "cup"]
+
+
+def test_a_folder_with_a_dataset_yaml_of_another_name_is_a_dataset(tmp_path):
+    # LightlyTrain's folders hold config.yaml; a run folder holds a config.yaml that is no dataset.
+    root = write_yolo(tmp_path / "ds", [Img("a", objects=[(0, 1, 1, 9, 9)])])
+    (root / "data.yaml").rename(root / "config.yaml")
+    assert detect_format(root) == "yolo" and len(open_dataset(root)) == 1
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": "ssd300_vgg16", "epochs": 3, "lr": 0.1}))
+    with pytest.raises(DatasetError, match="not a dataset"):
+        detect_format(run)
+    (root / "other.yml").write_text((root / "config.yaml").read_text())
+    with pytest.raises(DatasetError, match=r"config\.yaml, other\.yml all describe a dataset"):
+        open_dataset(root)
+
+
+def test_the_summary_counts_classes_sizes_and_lists_what_was_skipped(tmp_path):
+    from model.data.summary import Summary
+
+    images = [
+        Img("a", 100, 100, [(0, 0, 0, 50, 50), (0, 10, 10, 13, 13), (1, 0, 0, 100, 100)]),
+        Img("b", 100, 100, [(0, 5, 5, 25, 25)]),
+        Img("c", 100, 100),
+        Img("d", 100, 100),
+    ]
+    root = write_yolo(tmp_path, images)
+    (root / "labels" / "train" / "c.txt").unlink()  # no label file: background, said so
+    (root / "labels" / "train" / "gone.txt").write_text("0 0.5 0.5 0.2 0.2\n")  # its image deleted
+    (root / "labels" / "train" / "b.txt").write_text("0 0.15 0.15 0.2 0.2\n1 0.5 0.5 0.0 0.3\n")
+    summary = Summary.of(open_dataset(root), "train")
+    assert (summary.images, summary.without_objects) == (4, 2)
+    assert summary.objects == {"cat": 3, "dog": 1, "bird": 0}
+    assert summary.sizes == {"< 5%": 1, "5-10%": 0, "10-30%": 1, "30-60%": 1, ">= 60%": 1}
+    assert summary.notes == ["1 images have no label file: taken as background (no objects)"]
+    assert [(Path(p).name, why) for p, why in summary.skipped] == [
+        ("b.txt", "1 box(es) of zero or negative area inside the image"),
+        ("gone.txt", "a label file with no image beside it in this split"),
+    ]
+    text = "\n".join(summary.lines())
+    assert "train: 4 images (2 without objects), 4 objects in 3 classes" in text
+    assert "bird" in text and "no objects: this class cannot be learnt" in text
+    assert "skipped: 2" in text and "gone.txt: a label file with no image" in text

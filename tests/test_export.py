@@ -284,6 +284,34 @@ def test_predict_writes_json_and_annotated_images(artifact, tmp_path, capsys):
     assert (out / "scene0.jpg").is_file() and (out / "predictions.json").is_file()
 
 
+def test_predict_walks_a_folder(artifact, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    for i, name in enumerate(("a/x.png", "b/x.jpg", "top.JPG")):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(sample_images((120, 160), 1, seed=i)[0]).save(
+            folder / name, format="PNG" if "png" in name else "JPEG"
+        )
+    (folder / "a" / "x.txt").write_text("a label file, not an image: not read")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["predict", str(artifact), str(folder), "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads(stdout.strip().splitlines()[-1])
+    assert [Path(r["filename"]).relative_to(folder).as_posix() for r in report["results"]] == [
+        "a/x.png",
+        "b/x.jpg",
+        "top.JPG",
+    ]
+    # The two x images keep their folders apart.
+    assert all((out / n).is_file() for n in ("a/x.jpg", "b/x.jpg", "top.jpg"))
+    code, _, err = run_cli(["predict", str(artifact), str(tmp_path / "nowhere")], capsys)
+    assert code == 2 and "nowhere: no such file or folder" in err
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(["predict", str(artifact), str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no images in" in err
+
+
 def test_predict_score_threshold_has_the_artifact_floor(artifact, tmp_path, capsys):
     from PIL import Image
 

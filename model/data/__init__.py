@@ -17,7 +17,7 @@ LAYOUTS = (
     "a Pascal VOC root (Annotations/, JPEGImages/, ImageSets/Main/*.txt), "
     "a COCO instances JSON file (images, annotations, categories) or a folder holding "
     "annotations/instances_*.json, "
-    "a YOLO dataset (data.yaml or dataset.yaml with names and train/val, or the folder holding it)"
+    "a YOLO dataset (a yaml file with names and train/val, such as data.yaml, or the folder holding it)"
 )
 
 
@@ -25,9 +25,10 @@ def detect_format(path: Path | str) -> Format:
     """Which format ``path`` is in, from what is on disk.
 
     VOC: a folder with ``Annotations/`` and ``JPEGImages/``. YOLO: a ``.yaml`` file, or a folder
-    with ``data.yaml``/``dataset.yaml``. COCO: a ``.json`` file (its keys are checked when it is
-    loaded, so that a large file is parsed once), or a folder with instances JSON files in it or in
-    its ``annotations/``. Anything else is a :class:`DatasetError` listing what was looked for.
+    with ``data.yaml``/``dataset.yaml`` or another yaml file that describes a dataset. COCO: a
+    ``.json`` file (its keys are checked when it is loaded, so that a large file is parsed once),
+    or a folder with instances JSON files in it or in its ``annotations/``. Anything else is a
+    :class:`DatasetError` listing what was looked for.
     """
     path = Path(path)
     if not path.exists():

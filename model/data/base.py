@@ -146,6 +146,10 @@ class DetectionDataset(torch.utils.data.Dataset):
 
     ``category_ids[i]`` is the id that class ``i`` has in COCO-format files (results, ground
     truth for pycocotools): the original ids for a COCO dataset, ``1..len(classes)`` otherwise.
+
+    ``skipped``: ``(file, why)`` for what the loader left out (a label file with no image, boxes
+    of no area); ``notes``: what it assumed (images without a label file taken as background).
+    Both are for the summary said when the dataset opens (:mod:`model.data.summary`).
     """
 
     def __init__(
@@ -155,10 +159,14 @@ class DetectionDataset(torch.utils.data.Dataset):
         transform: Transform | None = None,
         *,
         category_ids: Sequence[int] | None = None,
+        skipped: Sequence[tuple[str, str]] = (),
+        notes: Sequence[str] = (),
     ) -> None:
         self.annotations = list(annotations)
         self.classes = list(classes)
         self.transform = transform
+        self.skipped = list(skipped)
+        self.notes = list(notes)
         self.category_ids = (
             list(category_ids) if category_ids is not None else list(range(1, len(self.classes) + 1))
         )

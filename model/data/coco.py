@@ -9,7 +9,6 @@ COCO format need. Images without annotations are kept, with no boxes (as torchvi
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -18,8 +17,6 @@ from typing import Any
 import numpy as np
 
 from .base import Annotation, DatasetError, DetectionDataset, Transform, make_annotation, read_image_size
-
-logger = logging.getLogger(__name__)
 
 SPLIT_WORDS = ("train", "val", "test")
 REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -74,7 +71,11 @@ def resolve_coco_json(path: Path, split: str) -> Path:
         return path
     sibling = path.with_name(path.name[: match.start()] + split + path.name[match.end() :])
     if not sibling.is_file():
-        raise DatasetError(f"{path}: split {split!r} asked for, but {sibling.name} is not beside it")
+        raise DatasetError(
+            f"{path}: split {split!r} asked for, but {sibling.name} is not beside it. To train and "
+            f"validate on this one file, ask for its own split both times: --train-split "
+            f"{match.group().lower()} --val-split {match.group().lower()}"
+        )
     return sibling
 
 
@@ -153,8 +154,7 @@ def load_coco(
 
     folder = image_folder(json_path, str(_get(images[0], "file_name", json_path, "an image")), images_dir)
     annotations: list[Annotation] = []
-    dropped_in: list[str] = []
-    dropped_total = 0
+    skipped: list[tuple[str, str]] = []
     for im in images:
         file_name = str(_get(im, "file_name", json_path, "an image"))
         image_path = folder / file_name
@@ -177,17 +177,6 @@ def load_coco(
             int(im["id"]), image_path, width, height, boxes, labels, f"{json_path} ({file_name})", crowd=crowd
         )
         if dropped:
-            dropped_total += dropped
-            dropped_in.append(file_name)
+            skipped.append((f"{json_path} ({file_name})", f"{dropped} box(es) of zero or negative area"))
         annotations.append(annotation)
-    if dropped_total:
-        # One warning for the file: COCO keeps every image in one JSON.
-        logger.warning(
-            "%s: dropped %d box(es) of zero or negative area inside the image, in %d image(s): %s%s",
-            json_path,
-            dropped_total,
-            len(dropped_in),
-            ", ".join(dropped_in[:5]),
-            ", ..." if len(dropped_in) > 5 else "",
-        )
-    return DetectionDataset(annotations, classes, transform, category_ids=category_ids)
+    return DetectionDataset(annotations, classes, transform, category_ids=category_ids, skipped=skipped)

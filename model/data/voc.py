@@ -9,7 +9,6 @@ the ``- 1`` of the original SSD and py-faster-rcnn code, for both corners' start
 
 from __future__ import annotations
 
-import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from .base import Annotation, DatasetError, DetectionDataset, Transform, make_annotation, read_image_size
-
-logger = logging.getLogger(__name__)
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane",
@@ -113,7 +110,11 @@ def parse_voc_xml(
     for obj in root.iter("object"):
         name = _text(obj, "name", xml_path)
         if name not in index:
-            raise DatasetError(f"{xml_path}: unknown class name {name!r} (classes: {', '.join(classes)})")
+            raise DatasetError(
+                f"{xml_path}: unknown class name {name!r} (classes: {', '.join(classes)}). A VOC "
+                f"dataset with classes of its own lists them, one name per line, in "
+                f"{xml_path.parent.parent / CLASS_FILES[0]}"
+            )
         box = obj.find("bndbox")
         if box is None:
             raise DatasetError(f"{xml_path}: object {name!r} has no <bndbox>")
@@ -146,6 +147,7 @@ def load_voc(root: Path | str, split: str = "train", transform: Transform | None
     if not ids:
         raise DatasetError(f"{split_file}: lists no images")
     annotations: list[Annotation] = []
+    skipped: list[tuple[str, str]] = []
     for image_id, name in enumerate(ids):
         xml_path = root / "Annotations" / f"{name}.xml"
         filename, size, boxes, labels, difficult = parse_voc_xml(xml_path, classes)
@@ -164,8 +166,6 @@ def load_voc(root: Path | str, split: str = "train", transform: Transform | None
             image_id, image_path, width, height, boxes, labels, xml_path, difficult=difficult
         )
         if dropped:
-            logger.warning(
-                "%s: dropped %d box(es) of zero or negative area inside the image", xml_path, dropped
-            )
+            skipped.append((str(xml_path), f"{dropped} box(es) of zero or negative area inside the image"))
         annotations.append(annotation)
-    return DetectionDataset(annotations, classes, transform)
+    return DetectionDataset(annotations, classes, transform, skipped=skipped)

@@ -10,7 +10,6 @@ object, normalised to [0, 1]. A missing or empty label file is an image without 
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ import numpy as np
 import yaml
 
 from .base import Annotation, DatasetError, DetectionDataset, Transform, make_annotation, read_image_size
-
-logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 YAML_NAMES = ("data.yaml", "dataset.yaml")
@@ -30,13 +27,32 @@ COORD_TOLERANCE = 0.01
 
 
 def find_yaml(path: Path) -> Path | None:
-    """``path`` itself when it is a yaml file, else its ``data.yaml``/``dataset.yaml``, else None."""
+    """``path`` itself when it is a yaml file; in a folder, its ``data.yaml``/``dataset.yaml``,
+    else the one yaml file there that describes a dataset (``names`` and ``train`` or ``val``:
+    LightlyTrain's ``config.yaml``, a file named after the dataset), else None. Any yaml would
+    not do: a run folder holds a ``config.yaml`` too. Several that do are a DatasetError."""
     if path.is_file():
         return path if path.suffix in {".yaml", ".yml"} else None
     for name in YAML_NAMES:
         if (path / name).is_file():
             return path / name
-    return None
+    found = sorted(
+        p for p in (*path.glob("*.yaml"), *path.glob("*.yml")) if p.is_file() and _describes_dataset(p)
+    )
+    if len(found) > 1:
+        raise DatasetError(
+            f"{path}: {', '.join(p.name for p in found)} all describe a dataset; give the one to use"
+        )
+    return found[0] if found else None
+
+
+def _describes_dataset(path: Path) -> bool:
+    """A yaml mapping with ``names`` and a ``train`` or ``val`` split."""
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(config, dict) and "names" in config and any(config.get(s) for s in ("train", "val"))
 
 
 def _names(config: dict[str, Any], yaml_path: Path) -> list[str]:
@@ -112,7 +128,9 @@ def load_yolo(path: Path | str, split: str = "train", transform: Transform | Non
     path = Path(path)
     yaml_path = find_yaml(path)
     if yaml_path is None:
-        raise DatasetError(f"{path}: no {' or '.join(YAML_NAMES)}")
+        raise DatasetError(
+            f"{path}: no {' or '.join(YAML_NAMES)}, nor another yaml file with names and train/val"
+        )
     try:
         config = yaml.safe_load(yaml_path.read_text())
     except yaml.YAMLError as exc:
@@ -132,9 +150,12 @@ def load_yolo(path: Path | str, split: str = "train", transform: Transform | Non
         raise DatasetError(f"{yaml_path}: split {split!r} has no images")
 
     annotations: list[Annotation] = []
+    skipped: list[tuple[str, str]] = []
+    unlabelled = 0
     for image_id, image_path in enumerate(images):
         width, height = read_image_size(image_path)
         labels_file = label_path(image_path)
+        unlabelled += not labels_file.is_file()
         labels, cxcywh = parse_label_file(labels_file, len(classes))
         scale = np.asarray([width, height, width, height], np.float32)
         boxes = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], axis=1)
@@ -142,8 +163,18 @@ def load_yolo(path: Path | str, split: str = "train", transform: Transform | Non
             image_id, image_path, width, height, boxes * scale, labels, labels_file
         )
         if dropped:
-            logger.warning(
-                "%s: dropped %d box(es) of zero or negative area inside the image", labels_file, dropped
-            )
+            skipped.append((str(labels_file), f"{dropped} box(es) of zero or negative area inside the image"))
         annotations.append(annotation)
-    return DetectionDataset(annotations, classes, transform)
+    skipped += [(str(p), "a label file with no image beside it in this split") for p in _orphans(images)]
+    notes = (
+        [f"{unlabelled} images have no label file: taken as background (no objects)"] if unlabelled else []
+    )
+    return DetectionDataset(annotations, classes, transform, skipped=skipped, notes=notes)
+
+
+def _orphans(images: list[Path]) -> list[Path]:
+    """Label files in the label folders of ``images`` that belong to none of them (an image
+    deleted, renamed or given another extension)."""
+    expected = {label_path(p) for p in images}
+    folders = {p.parent for p in expected if p.parent.is_dir()}
+    return sorted(p for folder in folders for p in folder.glob("*.txt") if p not in expected)
