@@ -404,8 +404,13 @@ def train(config: TrainConfig) -> Path:
             recompute_batch_norm(model, (images.to(device) for images, *_ in batches))
         metrics = None
         if _is_main() and val_set is not None:
-            metrics = evaluate_model(
-                model, val_set, batch_size=config.batch_size, workers=config.workers, device=device
+            metrics = evaluate_model(  # a bar once it has lasted 5 s: a validation can take a minute
+                model,
+                val_set,
+                batch_size=config.batch_size,
+                workers=config.workers,
+                device=device,
+                progress=True,
             )
             record["val"] = metrics
             log.info(
