@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import time
 from urllib.parse import parse_qs
@@ -36,6 +35,7 @@ from .errors import APIError
 from .inference import deadline, refusal
 from .middleware import access_log, new_request_id
 from .repository import ModelNotFound, ServedModel
+from .slow_clients import error_body
 from .state import State
 from .uploads import Limits
 
@@ -137,7 +137,7 @@ class Door:
         error = refusal(state, exc)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = new_request_id(given)
-        body = json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+        body = error_body(error.code, error.message)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
