@@ -36,6 +36,10 @@ TORCH = {
         "bench.export_bench",
         "the artifact on ONNX Runtime against PyTorch eager; decoding + NMS share",
     ),
+    "small-data": (
+        "bench.small_data",
+        "the training defaults on 400 images of shapes on real photos: mAP@0.5 per epoch",
+    ),
     "loss": ("bench.loss_bench", "matching and MultiBox loss against torchvision's"),
     "parity": ("bench.parity", "torchvision exports against torchvision's own model on the coco-mini photos"),
 }

@@ -15,7 +15,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import mobilenet_v3_large, resnet50, vgg16
+from torchvision.models import WeightsEnum, mobilenet_v3_large, resnet50, vgg16
 from torchvision.models.detection.ssd import SSDFeatureExtractorVGG
 from torchvision.models.detection.ssdlite import SSDLiteFeatureExtractorMobileNet
 from torchvision.models.vgg import cfgs as vgg_cfgs
@@ -77,6 +77,18 @@ def vgg16_extractor(features: nn.Sequential, highres: bool) -> SSDFeatureExtract
 BackboneWeights = Literal["imagenet"] | dict[str, Tensor] | None
 
 
+def imagenet_weights(backbone: str) -> WeightsEnum:
+    """The torchvision weights that ``"imagenet"`` means for ``backbone`` (a BACKBONES name)."""
+    from torchvision.models import MobileNet_V3_Large_Weights, ResNet50_Weights, VGG16_Weights
+
+    return {
+        "vgg16": VGG16_Weights.IMAGENET1K_FEATURES,
+        "vgg16_highres": VGG16_Weights.IMAGENET1K_FEATURES,
+        "mobilenet_v3_large": MobileNet_V3_Large_Weights.IMAGENET1K_V1,
+        "resnet50": ResNet50_Weights.IMAGENET1K_V1,
+    }[backbone]
+
+
 def _load(net: nn.Module, weights: BackboneWeights) -> nn.Module:
     if isinstance(weights, dict):
         net.load_state_dict(weights)
@@ -106,20 +118,22 @@ def mobilenet_norm_layer() -> Callable[..., nn.Module]:
     return partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
 
 
-def build_mobilenet_v3_large(weights: BackboneWeights) -> nn.Module:
+def build_mobilenet_v3_large(weights: BackboneWeights, pretrained_layout: bool | None = None) -> nn.Module:
     """MobileNetV3-Large cut at C4's expansion layer and C5, plus four depthwise extra blocks.
 
     As torchvision's ``ssdlite320_mobilenet_v3_large``: the reduced tail (Table 6 of the
     MobileNetV3 paper) when training from scratch, the full one with ImageNet weights.
+    ``pretrained_layout`` chooses the full tail without weights (to load a checkpoint that was
+    trained from them); None: whether ``weights`` are given.
     """
     from torchvision.models import MobileNet_V3_Large_Weights
 
-    pretrained = weights is not None
+    pretrained = weights is not None if pretrained_layout is None else pretrained_layout
     enum = MobileNet_V3_Large_Weights.IMAGENET1K_V1 if weights == "imagenet" else None
     backbone = mobilenet_v3_large(
         weights=enum, norm_layer=mobilenet_norm_layer(), reduced_tail=not pretrained
     )
-    if pretrained:
+    if weights is not None:
         _load(backbone, weights)
     else:
         normal_init(backbone)

@@ -17,11 +17,12 @@ from .ssd import SSD
 
 log = logging.getLogger(__name__)
 
-BACKBONES: dict[str, Callable[[backbones.BackboneWeights], nn.Module]] = {
-    "vgg16": lambda w: backbones.build_vgg16(highres=False, weights=w),
-    "vgg16_highres": lambda w: backbones.build_vgg16(highres=True, weights=w),
+# (weights, pretrained layout) -> backbone; only MobileNetV3's layout depends on its weights.
+BACKBONES: dict[str, Callable[[backbones.BackboneWeights, bool | None], nn.Module]] = {
+    "vgg16": lambda w, _: backbones.build_vgg16(highres=False, weights=w),
+    "vgg16_highres": lambda w, _: backbones.build_vgg16(highres=True, weights=w),
     "mobilenet_v3_large": backbones.build_mobilenet_v3_large,
-    "resnet50": backbones.build_resnet50,
+    "resnet50": lambda w, _: backbones.build_resnet50(w),
 }
 # (feature channels, boxes per location, classes) -> head
 HEADS: dict[str, Callable[[list[int], list[int], int], nn.Module]] = {
@@ -51,6 +52,7 @@ def build_model(
     backbone_weights: str | Path | None = None,
     freeze_base: bool = False,
     scale_set: str | None = None,
+    pretrained_layout: bool | None = None,
 ) -> SSD:
     """Build a registered SSD.
 
@@ -62,13 +64,16 @@ def build_model(
             random initialisation), or the path of a state dict of the classification network.
         freeze_base: do not train the base network (the pretrained part of the backbone).
         scale_set: default box sizes, e.g. ``"coco"`` (default) or ``"voc"`` for the SSD300/512 models.
+        pretrained_layout: build the backbone as for pretrained weights, whether or not they are
+            loaded (SSDlite's MobileNetV3 has a smaller tail from scratch); None: whether
+            ``backbone_weights`` are given. Checkpoints record it (``pretrained_layout``).
     """
     spec = get_spec(name)
     if num_classes < 2:
         raise ValueError(f"num_classes counts the background too, so it must be >= 2 (got {num_classes})")
     weights = _backbone_weights(spec, backbone_weights)
     try:
-        backbone = BACKBONES[spec.backbone](weights)
+        backbone = BACKBONES[spec.backbone](weights, pretrained_layout)
     except OSError as exc:  # URLError is an OSError: no network, or the download failed
         log.warning(
             "could not get ImageNet weights for %s's backbone (%s); starting from random initialisation. "
@@ -76,7 +81,7 @@ def build_model(
             name,
             exc,
         )
-        backbone = BACKBONES[spec.backbone](None)
+        backbone = BACKBONES[spec.backbone](None, pretrained_layout)
     shapes = backbones.feature_shapes(backbone, spec.input_size)
     prior_config = spec.prior_config(scale_set)
     channels = [c for c, _, _ in shapes]

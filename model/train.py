@@ -35,39 +35,52 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
+from . import defaults
 from .build import build_model
-from .checkpoint import CheckpointError, atomic_save, read_checkpoint, rng_state, set_rng_state
-from .data import DatasetError, open_dataset
+from .checkpoint import (
+    CheckpointError,
+    atomic_save,
+    check_fits,
+    read_checkpoint,
+    rng_state,
+    set_rng_state,
+    training_state,
+)
+from .config import Recipe
+from .data import DatasetError, DetectionDataset, open_dataset
 from .data.summary import Summary
 from .inference import evaluate_model
 from .loss import MultiBoxLoss
 from .malloc import keep_freed_memory
-from .registry import MODELS
+from .registry import MODELS, ModelSpec
 from .transforms import collate, train_transforms
+from .weights import WeightsError
 
 log = logging.getLogger("ssd.train")
 
 
 @dataclass
 class TrainConfig:
+    """What ``ssd train`` takes; a None (or "auto") is resolved for the run by model/defaults.py."""
+
     model: str
     data: str
     out: str = "runs/train"
     epochs: int = 30
-    batch_size: int = 32  # per process
+    batch_size: int | None = None  # per process; None: 32, less for a small dataset
     lr: float | None = None  # None: the recipe's, scaled to the global batch (SGD); 1e-3 x batch/32 (AdamW)
     optimizer: str = "sgd"  # sgd (the papers' recipes) or adamw (converges faster on short schedules)
     momentum: float = 0.9
     weight_decay: float | None = None  # None: the recipe's; never applied to norms and biases
     schedule: str | None = None  # cosine | multistep; None: the recipe's
-    warmup_iters: int = 1000  # linear warm-up from lr/1000, at most one epoch long
+    warmup_iters: int | None = None  # linear warm-up from lr/1000; None: 5% of the run's steps
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     amp: bool = False
     workers: int = min(4, os.cpu_count() or 1)
     seed: int = 0
     resume: bool = False
     freeze_backbone: bool = False
-    backbone_weights: str | None = "recipe"  # "recipe", "imagenet", "none" or a file
+    backbone_weights: str = "auto"  # "auto", "recipe", "imagenet", "none" or a file
     scale_set: str | None = None
     train_split: str = "train"
     val_split: str = "val"
@@ -75,19 +88,85 @@ class TrainConfig:
     photometric: bool | None = None  # None: the recipe's
     zoom_out: bool | None = None
     log_every: int = 20  # steps between TensorBoard points
-    precise_bn: int = 0  # batches to recompute batch-norm statistics on before each validation (0: off)
+    # Batches to recompute batch-norm statistics on before each validation (0: off); None: 16
+    # where the model has batch norm.
+    precise_bn: int | None = None
     # Stop after this many epochs of this run; the schedule stays that of ``epochs``.
     stop_after: int | None = None
     # Fine-tune: start from this checkpoint's weights with a fresh optimizer and schedule.
     init_from: str | None = None
 
 
+class TrainError(Exception):
+    """A run that cannot start as configured; the message says why (``ssd train`` exits 2)."""
+
+
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN or infinite; the last good checkpoint is kept (``ssd train`` exits 1)."""
+
+
+@dataclass
+class Processes:
+    """Where this process trains: ``world`` processes under torchrun, this one ``rank``."""
+
+    device: torch.device
+    distributed: bool
+    world: int
+    rank: int
+    amp: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 def _is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def start_processes(config: TrainConfig) -> Processes:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when there is one."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device is available")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    amp = config.amp and device.type == "cuda"
+    if config.amp and not amp:
+        log.warning("--amp needs CUDA; training in float32 on %s", device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: the fastest kernels are worth the search
+    return Processes(device, distributed, world, rank, amp)
+
+
+def open_splits(
+    config: TrainConfig, spec: ModelSpec, log_summary: bool
+) -> tuple[DetectionDataset, DetectionDataset | None]:
+    """The training split (augmented) and the validation split (None when there is none)."""
+    recipe = spec.recipe
+    augment = train_transforms(
+        spec.input_size,
+        photometric=recipe.photometric if config.photometric is None else config.photometric,
+        zoom_out=recipe.zoom_out if config.zoom_out is None else config.zoom_out,
+        fill=spec.image_mean,
+    )
+    train_set = open_dataset(config.data, config.train_split, images_dir=config.images, transform=augment)
+    try:
+        val_set = open_dataset(config.data, config.val_split, images_dir=config.images)
+    except ValueError as exc:
+        log.warning("no validation split (%s): best.pt will follow last.pt", exc)
+        val_set = None
+    if log_summary:
+        for split, dataset in ((config.train_split, train_set), (config.val_split, val_set)):
+            if dataset is not None:
+                for line in Summary.of(dataset, f"{config.data} [{split}]").lines():
+                    log.info("%s", line)
+    return train_set, val_set
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -97,6 +176,18 @@ def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    model: nn.Module, config: TrainConfig, recipe: Recipe, lr: float
+) -> tuple[torch.optim.Optimizer, float]:
+    """SGD with momentum as the papers (or AdamW), and the weight decay it got."""
+    if config.optimizer == "adamw":
+        weight_decay = 0.05 if config.weight_decay is None else config.weight_decay
+        return torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr), weight_decay
+    weight_decay = recipe.weight_decay if config.weight_decay is None else config.weight_decay
+    sgd = torch.optim.SGD(_parameter_groups(model, weight_decay), lr=lr, momentum=config.momentum)
+    return sgd, weight_decay
 
 
 def _lr_factor(step: int, total: int, warmup: int, schedule: str, milestones: Sequence[float]) -> float:
@@ -131,6 +222,10 @@ def recompute_batch_norm(model: nn.Module, batches: Iterable[Tensor]) -> None:
         m.momentum = momentum
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
 def _write_plot(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -155,166 +250,99 @@ def _write_plot(history: list[dict[str, Any]], path: Path) -> None:
 
 
 def train(config: TrainConfig) -> Path:
-    """Train as configured; returns the run folder."""
-    # ---- processes and devices -------------------------------------------------------------
-    keep_freed_memory()  # see malloc.py: more than halves a CPU training step here
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = torch.device(config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
-    amp = config.amp and device.type == "cuda"
-    if config.amp and not amp:
-        log.warning("--amp needs CUDA; training in float32 on %s", device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: the fastest kernels are worth the search
-    run = Path(config.out)
-    torch.manual_seed(config.seed + rank)
+    """Train as configured; returns the run folder.
 
-    # ---- data --------------------------------------------------------------------------------
+    Raises TrainError (a run that cannot start as configured), DatasetError, CheckpointError
+    and TrainingDiverged; ``main()`` turns them into messages and exit codes.
+    """
+    keep_freed_memory()  # see malloc.py: more than halves a CPU training step here
     if config.model not in MODELS:
-        raise SystemExit(f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
+        raise TrainError(f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
+    procs = start_processes(config)
+    device, world = procs.device, procs.world
+    run = Path(config.out)
+    torch.manual_seed(config.seed + procs.rank)
     spec = MODELS[config.model]
     recipe = spec.recipe
-    augment = train_transforms(
-        spec.input_size,
-        photometric=recipe.photometric if config.photometric is None else config.photometric,
-        zoom_out=recipe.zoom_out if config.zoom_out is None else config.zoom_out,
-        fill=spec.image_mean,
-    )
-    train_set = open_dataset(config.data, config.train_split, images_dir=config.images, transform=augment)
-    try:
-        val_set = open_dataset(config.data, config.val_split, images_dir=config.images)
-    except ValueError as exc:
-        log.warning("no validation split (%s): best.pt will follow last.pt", exc)
-        val_set = None
-    if rank == 0:
-        for split, dataset in ((config.train_split, train_set), (config.val_split, val_set)):
-            if dataset is not None:
-                for line in Summary.of(dataset, f"{config.data} [{split}]").lines():
-                    log.info("%s", line)
-    if len(train_set) < config.batch_size * world:
-        raise SystemExit(
-            f"{len(train_set)} training images cannot fill one batch of {config.batch_size} "
-            f"x {world} processes"
-        )
-    classes = train_set.classes
 
-    # ---- model, loss, optimizer, schedule ----------------------------------------------------
-    weights = recipe.backbone_weights if config.backbone_weights == "recipe" else config.backbone_weights
+    # ---- data, model and what the defaults become for them -----------------------------------
+    train_set, val_set = open_splits(config, spec, log_summary=procs.main)
+    classes = train_set.classes
+    restart = read_checkpoint(run / "last.pt") if config.resume else None
+    start = read_checkpoint(Path(config.init_from)) if config.init_from and not config.resume else None
+    if start is not None:
+        check_fits(start, config.init_from, config.model, classes, config.scale_set, "--init-from")
+    if restart is not None:
+        check_fits(restart, run / "last.pt", config.model, classes, config.scale_set, "--resume")
+    from_checkpoint = restart or start
+    if from_checkpoint:  # its weights replace the starting ones: fetch none
+        flag = "--resume" if restart else "--init-from"
+        weights = defaults.Setting(str(run / "last.pt") if restart else config.init_from, flag)
+        pretrained_layout = from_checkpoint.get("pretrained_layout", False)
+    else:
+        weights = defaults.starting_weights(config.backbone_weights, recipe, spec.backbone, len(train_set))
+        pretrained_layout = weights.value is not None
     model = build_model(
         config.model,
         len(classes) + 1,
-        backbone_weights=None if weights in (None, "none") else weights,
+        backbone_weights=None if from_checkpoint else weights.value,
         freeze_base=config.freeze_backbone,
         scale_set=config.scale_set,
+        pretrained_layout=pretrained_layout,
     ).to(device)
+    plan = defaults.plan(config, recipe, len(train_set), world, has_batch_norm(model), weights)
+    batch_size = plan.batch_size.value
+    if len(train_set) < batch_size * world:
+        raise TrainError(
+            f"{len(train_set)} training images cannot fill one batch of {batch_size} x {world} processes"
+        )
+    if procs.main:
+        log.info("what the defaults became for this run (a flag given wins):")
+        for line in plan.table():
+            log.info("  %s", line)
     model.use_channels_last()
     grid = model.prior_grid
     loss_fn = MultiBoxLoss()
-    global_batch = config.batch_size * world
-    if config.optimizer == "adamw":
-        weight_decay = 0.05 if config.weight_decay is None else config.weight_decay
-        lr = config.lr if config.lr is not None else 1e-3 * global_batch / 32
-        optimizer = torch.optim.AdamW(_parameter_groups(model, weight_decay), lr=lr)
-    else:
-        weight_decay = recipe.weight_decay if config.weight_decay is None else config.weight_decay
-        lr = config.lr if config.lr is not None else recipe.lr * global_batch / recipe.reference_batch
-        optimizer = torch.optim.SGD(_parameter_groups(model, weight_decay), lr=lr, momentum=config.momentum)
-    steps_per_epoch = len(train_set) // (config.batch_size * world)
-    total_steps = steps_per_epoch * config.epochs
-    warmup = min(config.warmup_iters, steps_per_epoch)
+    optimizer, weight_decay = make_optimizer(model, config, recipe, plan.lr.value)
     schedule = config.schedule or recipe.schedule
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _lr_factor(step, total_steps, warmup, schedule, recipe.milestones)
+        optimizer,
+        lambda step: _lr_factor(step, plan.total_steps, plan.warmup.value, schedule, recipe.milestones),
     )
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    scaler = torch.amp.GradScaler("cuda", enabled=procs.amp)
     net = (
         nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-        if distributed
+        if procs.distributed
         else model
     )
 
     # ---- fine-tune or resume -------------------------------------------------------------------
-    if config.init_from and not config.resume:
-        state = read_checkpoint(Path(config.init_from))
-        if (state["model_name"], state["classes"], state.get("scale_set")) != (
-            config.model,
-            classes,
-            config.scale_set,
-        ):
-            raise SystemExit(
-                f"{config.init_from} is a {state['model_name']} (scale set {state.get('scale_set')}) "
-                f"on classes {state['classes']}; "
-                f"--init-from needs a {config.model} (scale set {config.scale_set}) on {classes}"
-            )
-        model.load_state_dict(state["model"])
-        log.info("starting from the weights of %s (epoch %d)", config.init_from, state["epoch"])
     start_epoch, best_map, history = 0, -1.0, []
-    if config.resume:
-        state = read_checkpoint(run / "last.pt")
-        if state["model_name"] != config.model or state["classes"] != classes:
-            raise SystemExit(
-                f"{run / 'last.pt'} is a {state['model_name']} on other classes; cannot resume it"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_map = state["epoch"], state["best_map"]
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        history = state.get("history", [])
+    if start is not None:
+        model.load_state_dict(start["model"])
+        log.info("starting from the weights of %s (epoch %d)", config.init_from, start["epoch"])
+    if restart is not None:
+        model.load_state_dict(restart["model"])
+        optimizer.load_state_dict(restart["optimizer"])
+        scheduler.load_state_dict(restart["scheduler"])
+        scaler.load_state_dict(restart["scaler"])
+        start_epoch, best_map = restart["epoch"], restart["best_map"]
+        rngs = restart["rng"]
+        set_rng_state(rngs[procs.rank] if procs.rank < len(rngs) else rngs[0])
+        history = restart.get("history", [])
         log.info("resumed %s at epoch %d", run / "last.pt", start_epoch)
 
     writer = None
-    if _is_main():
+    if procs.main:
         run.mkdir(parents=True, exist_ok=True)
-        settings = dataclasses.asdict(config) | {
-            "classes": classes,
-            "world_size": world,
-            "lr_effective": lr,
-            "weight_decay_effective": weight_decay,
-            "schedule_effective": schedule,
-            "train_images": len(train_set),
-            "val_images": len(val_set) if val_set else 0,
-            "torch": str(torch.__version__),
-        }
-        import yaml
-
-        (run / "config.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+        _write_settings(
+            run / "config.yaml", config, plan, classes, world, weight_decay, schedule, train_set, val_set
+        )
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(run / "tensorboard")
-
-    def checkpoint(epoch: int, metrics: dict[str, Any] | None) -> dict[str, Any]:
-        states = [None] * world
-        if distributed:
-            dist.all_gather_object(states, rng_state())
-        else:
-            states = [rng_state()]
-        return {
-            "model": model.state_dict(),
-            "model_name": config.model,
-            "num_classes": len(classes) + 1,
-            "scale_set": config.scale_set,
-            "classes": classes,
-            "epoch": epoch,
-            "config": dataclasses.asdict(config),
-            "metrics": metrics,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "best_map": best_map,
-            "rng": states,
-            "history": history,
-        }
 
     # ---- the loop ----------------------------------------------------------------------------
     from tqdm import tqdm
@@ -322,16 +350,16 @@ def train(config: TrainConfig) -> Path:
     for epoch in range(start_epoch, config.epochs):
         # Data order and worker seeds from (seed, epoch): the same after a resume.
         order = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-        if distributed:
+        if procs.distributed:
             sampler = DistributedSampler(
-                train_set, world, rank, shuffle=True, seed=config.seed, drop_last=True
+                train_set, world, procs.rank, shuffle=True, seed=config.seed, drop_last=True
             )
             sampler.set_epoch(epoch)
         else:
             sampler = RandomSampler(train_set, generator=order)
         loader = DataLoader(
             train_set,
-            batch_size=config.batch_size,
+            batch_size=batch_size,
             sampler=sampler,
             num_workers=config.workers,
             collate_fn=collate,
@@ -343,12 +371,12 @@ def train(config: TrainConfig) -> Path:
         totals = torch.zeros(3)
         seen, started = 0, time.perf_counter()
         bar = tqdm(
-            loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not _is_main(), dynamic_ncols=True
+            loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not procs.main, dynamic_ncols=True
         )
         for step, (images, boxes, labels, _) in enumerate(bar):
             images = images.to(device, non_blocking=True)
             boxes, labels = boxes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            with torch.autocast(device.type, dtype=torch.float16, enabled=procs.amp):
                 cls_logits, regression = net(images)
             parts = loss_fn(cls_logits.float(), regression.float(), grid, boxes, labels)
             if not torch.isfinite(parts.total):
@@ -371,7 +399,7 @@ def train(config: TrainConfig) -> Path:
             rate = seen / (time.perf_counter() - started)
             current_lr = optimizer.param_groups[0]["lr"]
             bar.set_postfix(loss=f"{parts.total.item():.3f}", lr=f"{current_lr:.2e}", img_s=f"{rate:.1f}")
-            global_step = epoch * steps_per_epoch + step
+            global_step = epoch * plan.steps_per_epoch + step
             if writer is not None and global_step % config.log_every == 0:
                 writer.add_scalar("train/loss", parts.total.item(), global_step)
                 writer.add_scalar("train/lr", current_lr, global_step)
@@ -390,36 +418,29 @@ def train(config: TrainConfig) -> Path:
         }
 
         # ---- validation and checkpoints (first process) ------------------------------------
-        if config.precise_bn > 0 and _is_main():
-            sample = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)
-            bn_loader = DataLoader(
-                train_set,
-                batch_size=config.batch_size,
-                num_workers=config.workers,
-                collate_fn=collate,
-                sampler=RandomSampler(train_set, generator=sample),
-                generator=sample,
-            )
-            batches = itertools.islice(bn_loader, config.precise_bn)
-            recompute_batch_norm(model, (images.to(device) for images, *_ in batches))
         metrics = None
-        if _is_main() and val_set is not None:
-            metrics = evaluate_model(  # a bar once it has lasted 5 s: a validation can take a minute
-                model,
-                val_set,
-                batch_size=config.batch_size,
-                workers=config.workers,
-                device=device,
-                progress=True,
-            )
-            record["val"] = metrics
-            log.info(
-                "epoch %d: loss %.4f, val mAP %.4f, mAP@.5 %.4f",
-                epoch + 1,
-                record["train"]["loss"],
-                metrics["map"],
-                metrics["map50"],
-            )
+        if procs.main:
+            if plan.precise_bn.value > 0:
+                _recompute_statistics(
+                    model, train_set, batch_size, plan.precise_bn.value, config, epoch, device
+                )
+            if val_set is not None:
+                metrics = evaluate_model(  # a bar once it has lasted 5 s: a validation can take a minute
+                    model,
+                    val_set,
+                    batch_size=batch_size,
+                    workers=config.workers,
+                    device=device,
+                    progress=True,
+                )
+                record["val"] = metrics
+                log.info(
+                    "epoch %d: loss %.4f, val mAP %.4f, mAP@.5 %.4f",
+                    epoch + 1,
+                    record["train"]["loss"],
+                    metrics["map"],
+                    metrics["map50"],
+                )
         # Wall time including validation, summed over resumed runs: the x axis of a convergence curve.
         record["wall_time_s"] = (history[-1].get("wall_time_s", 0.0) if history else 0.0) + (
             time.perf_counter() - started
@@ -428,8 +449,27 @@ def train(config: TrainConfig) -> Path:
         improved = metrics is None or metrics["map"] > best_map
         if metrics is not None and improved:
             best_map = metrics["map"]
-        state = checkpoint(epoch + 1, metrics)
-        if _is_main():
+        rngs = [rng_state()]
+        if procs.distributed:
+            rngs = [None] * world
+            dist.all_gather_object(rngs, rng_state())
+        if procs.main:
+            state = training_state(
+                model,
+                model_name=config.model,
+                classes=classes,
+                scale_set=config.scale_set,
+                pretrained_layout=pretrained_layout,
+                epoch=epoch + 1,
+                config=dataclasses.asdict(config),
+                metrics=metrics,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+                best_map=best_map,
+                rng=rngs,
+                history=history,
+            )
             atomic_save(state, run / "last.pt")
             if improved:
                 atomic_save(state, run / "best.pt")
@@ -440,26 +480,90 @@ def train(config: TrainConfig) -> Path:
             if metrics is not None:
                 for key in ("map", "map50", "map75", "voc07_map"):
                     writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
-        if distributed:
+        if procs.distributed:
             dist.barrier()
         if config.stop_after is not None and epoch + 1 - start_epoch >= config.stop_after:
             break
 
-    if _is_main():
+    if procs.main:
         writer.close()
         _write_plot(history, run / "curves.png")
-    if distributed:
+    if procs.distributed:
         dist.destroy_process_group()
     return run
 
 
+def _recompute_statistics(
+    model: nn.Module,
+    train_set: DetectionDataset,
+    batch_size: int,
+    batches: int,
+    config: TrainConfig,
+    epoch: int,
+    device: torch.device,
+) -> None:
+    """Precise BN on ``batches`` augmented training batches, drawn from (seed, epoch)."""
+    sample = torch.Generator().manual_seed(config.seed * 1000 + epoch + 500)
+    loader = DataLoader(
+        train_set,
+        batch_size=batch_size,
+        num_workers=config.workers,
+        collate_fn=collate,
+        sampler=RandomSampler(train_set, generator=sample),
+        generator=sample,
+    )
+    recompute_batch_norm(model, (images.to(device) for images, *_ in itertools.islice(loader, batches)))
+
+
+def _write_settings(
+    path: Path,
+    config: TrainConfig,
+    plan: defaults.Plan,
+    classes: list[str],
+    world: int,
+    weight_decay: float,
+    schedule: str,
+    train_set: DetectionDataset,
+    val_set: DetectionDataset | None,
+) -> None:
+    """config.yaml: the options as given, then what each default became (``*_effective``)."""
+    import yaml
+
+    settings = dataclasses.asdict(config) | {
+        "classes": classes,
+        "world_size": world,
+        "batch_size_effective": plan.batch_size.value,
+        "lr_effective": plan.lr.value,
+        "warmup_iters_effective": plan.warmup.value,
+        "precise_bn_effective": plan.precise_bn.value,
+        "backbone_weights_effective": plan.backbone_weights.value,
+        "weight_decay_effective": weight_decay,
+        "schedule_effective": schedule,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": plan.total_steps,
+        "why": {
+            "batch_size": plan.batch_size.why,
+            "lr": plan.lr.why,
+            "warmup_iters": plan.warmup.why,
+            "precise_bn": plan.precise_bn.why,
+            "backbone_weights": plan.backbone_weights.why,
+        },
+        "train_images": len(train_set),
+        "val_images": len(val_set) if val_set else 0,
+        "torch": str(torch.__version__),
+    }
+    path.write_text(yaml.safe_dump(settings, sort_keys=False))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``ssd train`` (and of ``python -m model.train`` under torchrun)."""
-    defaults = TrainConfig(model="", data="")
+    base = TrainConfig(model="", data="")
     parser.add_argument("--model", required=True, choices=list(MODELS))
     parser.add_argument("--data", required=True, help="a VOC root, a COCO instances JSON or a YOLO data.yaml")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="per process")
+    parser.add_argument("--epochs", type=int, default=base.epochs)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="per process (default 32, less for a small dataset)"
+    )
     parser.add_argument(
         "--lr", type=float, default=None, help="default: the recipe's, scaled to the global batch"
     )
@@ -468,8 +572,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precise-bn",
         type=int,
-        default=0,
-        help="recompute batch-norm statistics on N batches before validating",
+        default=None,
+        help="recompute batch-norm statistics on N batches before validating (default 16 where "
+        "the model has batch norm; 0: off)",
     )
     parser.add_argument(
         "--stop-after",
@@ -483,27 +588,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="fine-tune: start from this checkpoint's weights, with a fresh optimizer and schedule",
     )
-    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument("--device", default=base.device, help="cpu or cuda")
     parser.add_argument("--amp", action="store_true", help="mixed precision (CUDA)")
-    parser.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--workers", type=int, default=base.workers, help="DataLoader workers")
+    parser.add_argument("--seed", type=int, default=base.seed)
     parser.add_argument(
         "--optimizer", choices=["sgd", "adamw"], default="sgd", help="default sgd, as the recipes"
     )
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--schedule", choices=["cosine", "multistep"], default=None)
-    parser.add_argument("--warmup-iters", type=int, default=defaults.warmup_iters)
+    parser.add_argument(
+        "--warmup-iters", type=int, default=None, help="default 5%% of the run's steps, at most 1000"
+    )
     parser.add_argument("--freeze-backbone", action="store_true", help="do not train the base network")
     parser.add_argument(
-        "--backbone-weights", default="recipe", help="recipe (default), imagenet, none, or a state-dict file"
+        "--backbone-weights",
+        default="auto",
+        help="auto (default: ImageNet for a set under 10,000 images where reachable, else the "
+        "recipe's), recipe, imagenet, none, or a state-dict file",
     )
     parser.add_argument(
         "--scale-set",
         default=None,
         help="default box sizes: the model's first set (default), voc, small (see ssd models)",
     )
-    parser.add_argument("--train-split", default=defaults.train_split)
-    parser.add_argument("--val-split", default=defaults.val_split)
+    parser.add_argument("--train-split", default=base.train_split)
+    parser.add_argument("--val-split", default=base.val_split)
     parser.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
     parser.add_argument("--no-photometric", dest="photometric", action="store_false", default=None)
     parser.add_argument("--no-zoom-out", dest="zoom_out", action="store_false", default=None)
@@ -526,7 +636,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TrainingDiverged as exc:
         print(f"ssd train: {exc}", file=sys.stderr)
         return 1
-    except (DatasetError, CheckpointError) as exc:  # bad data or a missing checkpoint: the message says which
+    # A run that cannot start: bad options, bad data, a missing checkpoint, unusable weights.
+    except (TrainError, DatasetError, CheckpointError, WeightsError, FileNotFoundError) as exc:
         print(f"ssd train: {exc}", file=sys.stderr)
         return 2
     if _is_main():

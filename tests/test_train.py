@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from model import train as training
-from model.checkpoint import load_model, read_checkpoint
+from model.checkpoint import CheckpointError, load_model, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,6 +36,7 @@ def _config(data, out, **overrides):
         device="cpu",
         warmup_iters=1,
         lr=0.01,
+        backbone_weights="none",
     )
     return training.TrainConfig(**(values | overrides))
 
@@ -80,10 +81,18 @@ def test_fine_tuning_starts_from_a_checkpoint_with_a_fresh_schedule(tiny_data, t
     record = json.loads((tuned / "metrics.jsonl").read_text())
     assert record["epoch"] == 1 and record["wall_time_s"] >= record["epoch_time_s"] > 0
 
-    with pytest.raises(SystemExit, match="--init-from needs a ssd300_vgg16"):
+    with pytest.raises(CheckpointError, match="--init-from needs a ssd300_vgg16"):
         training.train(
             _config(tiny_data, tmp_path / "other", model="ssd300_vgg16", init_from=str(base / "last.pt"))
         )
+    # Resuming checks the scale set as --init-from does: other default boxes, other head meaning.
+    base_copy = tmp_path / "resumed"
+    base_copy.mkdir()
+    (base / "last.pt").rename(base_copy / "last.pt")
+    with pytest.raises(
+        CheckpointError, match=r"--resume needs a ssdlite320_mobilenet_v3_large \(scale set small\)"
+    ):
+        training.train(_config(tiny_data, base_copy, epochs=2, resume=True, scale_set="small"))
 
 
 @pytest.mark.slow

@@ -62,6 +62,18 @@ class Annotation:
             )
 
 
+@dataclass(frozen=True)
+class LabelledBox:
+    """One object as the format writers take it: ``box`` x_min, y_min, x_max, y_max in pixel
+    edges; ``truncated``: cut by the image border (VOC's flag); ``area``: the visible area in
+    pixels (COCO's, that of the segment), the box's when None."""
+
+    label: int
+    box: tuple[float, float, float, float]
+    truncated: bool = False
+    area: float | None = None
+
+
 def read_image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` from the image's header: PIL opens lazily, nothing is decoded.
 

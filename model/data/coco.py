@@ -11,12 +11,22 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from .base import Annotation, DatasetError, DetectionDataset, Transform, make_annotation, read_image_size
+from .base import (
+    Annotation,
+    DatasetError,
+    DetectionDataset,
+    LabelledBox,
+    Transform,
+    make_annotation,
+    read_image_size,
+)
 
 SPLIT_WORDS = ("train", "val", "test")
 REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -180,3 +190,52 @@ def load_coco(
             skipped.append((f"{json_path} ({file_name})", f"{dropped} box(es) of zero or negative area"))
         annotations.append(annotation)
     return DetectionDataset(annotations, classes, transform, category_ids=category_ids, skipped=skipped)
+
+
+class CocoWriter:
+    """Writes a COCO dataset, the layout :func:`load_coco` reads: ``annotations/instances_SPLIT.json``
+    and the images in ``SPLIT/``; category ids are the class indices plus one.
+
+    ``add`` each image, then ``finish`` (the JSON files)."""
+
+    def __init__(self, root: Path, classes: Sequence[str], quality: int = 90) -> None:
+        self.root, self.classes, self.quality = root, list(classes), quality
+        self.images: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        self.annotations: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        (root / "annotations").mkdir(parents=True, exist_ok=True)
+
+    def add(self, split: str, name: str, image: Image.Image, objects: Sequence[LabelledBox]) -> None:
+        (self.root / split).mkdir(exist_ok=True)
+        image.save(self.root / split / f"{name}.jpg", quality=self.quality)
+        image_id = len(self.images[split]) + 1
+        self.images[split].append(
+            {"id": image_id, "file_name": f"{name}.jpg", "width": image.width, "height": image.height}
+        )
+        for item in objects:
+            x_min, y_min, x_max, y_max = (int(v) for v in item.box)
+            area = (x_max - x_min) * (y_max - y_min) if item.area is None else item.area
+            self.annotations[split].append(
+                {
+                    "id": len(self.annotations[split]) + 1,
+                    "image_id": image_id,
+                    "category_id": item.label + 1,
+                    "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
+                    "area": area,
+                    "iscrowd": 0,
+                    "segmentation": [],
+                }
+            )
+
+    def finish(self) -> None:
+        categories = [
+            {"id": i + 1, "name": name, "supercategory": "object"} for i, name in enumerate(self.classes)
+        ]
+        for split, images in self.images.items():
+            data = {
+                "info": {"description": "written by ssd-detector", "version": "1"},
+                "licenses": [],
+                "images": images,
+                "annotations": self.annotations[split],
+                "categories": categories,
+            }
+            (self.root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))

@@ -19,19 +19,21 @@ starts with the images of a smaller one.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import tempfile
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from .base import LabelledBox
+from .coco import CocoWriter
+from .voc import VocWriter
+from .yolo import YoloWriter
 
 CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star", "hexagon", "cross")
 FORMATS = ("voc", "coco", "yolo")
@@ -142,6 +144,12 @@ class Sample:
     shapes: list[Shape]
     dropped: list[Shape]
 
+    def objects(self) -> list[LabelledBox]:
+        """The annotated shapes as the format writers take them."""
+        return [
+            LabelledBox(s.label, tuple(float(v) for v in s.box), s.truncated, s.visible) for s in self.shapes
+        ]
+
 
 def _background(rng: np.random.Generator, height: int, width: int) -> Image.Image:
     """A gradient between two colours, soft colour blobs and grain, then clutter lines."""
@@ -217,15 +225,23 @@ def render(
     image_size: tuple[int, int] = (320, 320),
     max_objects: int = MAX_OBJECTS,
     plain: bool = False,
+    background: Image.Image | None = None,
+    sizes: tuple[float, float] = (MIN_SIZE, MAX_SIZE),
+    classes: int = len(CLASSES),
 ) -> Sample:
     """One synthetic image (``image_size`` = height, width) and its annotations.
 
     ``plain`` draws flat-coloured shapes on a flat background without clutter, shading or grain,
-    so that the pixels of each object can be told apart (for tests).
+    so that the pixels of each object can be told apart (for tests). ``background``: draw on this
+    picture (resized to ``image_size``) instead of a generated one. ``sizes``: the range of object
+    extents, as fractions of the shorter side; ``classes``: draw only the first that many of
+    :data:`CLASSES`.
     """
     height, width = image_size
     side = min(height, width)
-    if plain:
+    if background is not None:
+        canvas = background.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
+    elif plain:
         background_colour = rng.integers(0, 256, 3)
         canvas = Image.new("RGB", (width, height), tuple(int(c) for c in background_colour))
     else:
@@ -235,8 +251,8 @@ def render(
     owner = np.full((height, width), -1, dtype=np.int16)  # index of the shape seen at each pixel
     shapes: list[Shape] = []
     for _ in range(int(rng.integers(1, max_objects + 1))):
-        label = int(rng.integers(len(CLASSES)))
-        size = side * rng.uniform(MIN_SIZE, MAX_SIZE)
+        label = int(rng.integers(classes))
+        size = side * rng.uniform(*sizes)
         # Up to a quarter of the shape may lie outside the image: truncated objects, as in photos.
         margin = min(size / 4, side / 2)
         centre = (rng.uniform(margin, width - margin), rng.uniform(margin, height - margin))
@@ -283,113 +299,7 @@ def render(
     )
 
 
-class _VocWriter:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.ids: dict[str, list[str]] = {split: [] for split in SPLITS}
-        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
-            (root / sub).mkdir(parents=True)
-
-    def add(self, split: str, name: str, sample: Sample) -> None:
-        sample.image.save(self.root / "JPEGImages" / f"{name}.jpg", quality=JPEG_QUALITY)
-        ann = ET.Element("annotation")
-        ET.SubElement(ann, "folder").text = "JPEGImages"
-        ET.SubElement(ann, "filename").text = f"{name}.jpg"
-        size = ET.SubElement(ann, "size")
-        for tag, value in (("width", sample.image.width), ("height", sample.image.height), ("depth", 3)):
-            ET.SubElement(size, tag).text = str(value)
-        ET.SubElement(ann, "segmented").text = "0"
-        for shape in sample.shapes:
-            obj = ET.SubElement(ann, "object")
-            ET.SubElement(obj, "name").text = CLASSES[shape.label]
-            ET.SubElement(obj, "pose").text = "Unspecified"
-            ET.SubElement(obj, "truncated").text = str(int(shape.truncated))
-            ET.SubElement(obj, "difficult").text = "0"
-            bndbox = ET.SubElement(obj, "bndbox")
-            x_min, y_min, x_max, y_max = (int(v) for v in shape.box)
-            # VOC is 1-based and inclusive: the pixel edges [x_min, x_max) are pixels x_min+1..x_max.
-            for tag, value in (("xmin", x_min + 1), ("ymin", y_min + 1), ("xmax", x_max), ("ymax", y_max)):
-                ET.SubElement(bndbox, tag).text = str(value)
-        ET.indent(ann)
-        ET.ElementTree(ann).write(self.root / "Annotations" / f"{name}.xml", encoding="utf-8")
-        self.ids[split].append(name)
-
-    def finish(self) -> None:
-        for split, ids in self.ids.items():
-            (self.root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
-        (self.root / "labels.txt").write_text("".join(f"{c}\n" for c in CLASSES))
-
-
-class _CocoWriter:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.images: dict[str, list[dict]] = {split: [] for split in SPLITS}
-        self.annotations: dict[str, list[dict]] = {split: [] for split in SPLITS}
-        for split in SPLITS:
-            (root / split).mkdir(parents=True)
-        (root / "annotations").mkdir()
-
-    def add(self, split: str, name: str, sample: Sample) -> None:
-        sample.image.save(self.root / split / f"{name}.jpg", quality=JPEG_QUALITY)
-        image_id = len(self.images[split]) + 1
-        self.images[split].append(
-            {
-                "id": image_id,
-                "file_name": f"{name}.jpg",
-                "width": sample.image.width,
-                "height": sample.image.height,
-            }
-        )
-        for shape in sample.shapes:
-            x_min, y_min, x_max, y_max = (int(v) for v in shape.box)
-            self.annotations[split].append(
-                {
-                    "id": len(self.annotations[split]) + 1,
-                    "image_id": image_id,
-                    "category_id": shape.label + 1,
-                    "bbox": [x_min, y_min, x_max - x_min, y_max - y_min],
-                    "area": shape.visible,  # COCO's area is that of the visible segment
-                    "iscrowd": 0,
-                    "segmentation": [],
-                }
-            )
-
-    def finish(self) -> None:
-        categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASSES)]
-        for split in SPLITS:
-            data = {
-                "info": {"description": "ssd-detector synthetic shapes", "version": "1"},
-                "licenses": [],
-                "images": self.images[split],
-                "annotations": self.annotations[split],
-                "categories": categories,
-            }
-            (self.root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-
-
-class _YoloWriter:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        for split in SPLITS:
-            (root / "images" / split).mkdir(parents=True)
-            (root / "labels" / split).mkdir(parents=True)
-
-    def add(self, split: str, name: str, sample: Sample) -> None:
-        sample.image.save(self.root / "images" / split / f"{name}.jpg", quality=JPEG_QUALITY)
-        scale = np.array([sample.image.width, sample.image.height] * 2, dtype=np.float64)
-        lines = []
-        for shape in sample.shapes:
-            x_min, y_min, x_max, y_max = shape.box / scale
-            cx, cy, w, h = (x_min + x_max) / 2, (y_min + y_max) / 2, x_max - x_min, y_max - y_min
-            lines.append(f"{shape.label} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
-        (self.root / "labels" / split / f"{name}.txt").write_text("".join(lines))
-
-    def finish(self) -> None:
-        config = {"path": ".", "train": "images/train", "val": "images/val", "names": list(CLASSES)}
-        (self.root / "data.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-
-
-WRITERS = {"voc": _VocWriter, "coco": _CocoWriter, "yolo": _YoloWriter}
+WRITERS = {"voc": VocWriter, "coco": CocoWriter, "yolo": YoloWriter}
 
 
 def generate(
@@ -421,12 +331,12 @@ def generate(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        writer = WRITERS[format](tmp)
+        writer = WRITERS[format](tmp, CLASSES, quality=JPEG_QUALITY)
         with tqdm(total=images + val_images, desc=f"synthetic {format}", unit="img") as bar:
             for code, (split, count) in enumerate(((SPLITS[0], images), (SPLITS[1], val_images))):
                 for index in range(count):
                     sample = render(np.random.default_rng([seed, code, index]), image_size)
-                    writer.add(split, f"{split}_{index:06d}", sample)
+                    writer.add(split, f"{split}_{index:06d}", sample.image, sample.objects())
                     bar.update()
         writer.finish()
         os.chmod(tmp, 0o755)  # mkdtemp makes it private

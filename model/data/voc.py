@@ -10,12 +10,22 @@ the ``- 1`` of the original SSD and py-faster-rcnn code, for both corners' start
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
+from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from .base import Annotation, DatasetError, DetectionDataset, Transform, make_annotation, read_image_size
+from .base import (
+    Annotation,
+    DatasetError,
+    DetectionDataset,
+    LabelledBox,
+    Transform,
+    make_annotation,
+    read_image_size,
+)
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane",
@@ -169,3 +179,44 @@ def load_voc(root: Path | str, split: str = "train", transform: Transform | None
             skipped.append((str(xml_path), f"{dropped} box(es) of zero or negative area inside the image"))
         annotations.append(annotation)
     return DetectionDataset(annotations, classes, transform, skipped=skipped)
+
+
+class VocWriter:
+    """Writes a VOC dataset, the layout :func:`load_voc` reads, with its ``labels.txt``.
+
+    ``add`` each image, then ``finish`` (the split lists and the class file)."""
+
+    def __init__(self, root: Path, classes: Sequence[str], quality: int = 90) -> None:
+        self.root, self.classes, self.quality = root, list(classes), quality
+        self.ids: dict[str, list[str]] = defaultdict(list)
+        for sub in ("Annotations", "JPEGImages", "ImageSets/Main"):
+            (root / sub).mkdir(parents=True, exist_ok=True)
+
+    def add(self, split: str, name: str, image: Image.Image, objects: Sequence[LabelledBox]) -> None:
+        image.save(self.root / "JPEGImages" / f"{name}.jpg", quality=self.quality)
+        ann = ET.Element("annotation")
+        ET.SubElement(ann, "folder").text = "JPEGImages"
+        ET.SubElement(ann, "filename").text = f"{name}.jpg"
+        size = ET.SubElement(ann, "size")
+        for tag, value in (("width", image.width), ("height", image.height), ("depth", 3)):
+            ET.SubElement(size, tag).text = str(value)
+        ET.SubElement(ann, "segmented").text = "0"
+        for item in objects:
+            obj = ET.SubElement(ann, "object")
+            ET.SubElement(obj, "name").text = self.classes[item.label]
+            ET.SubElement(obj, "pose").text = "Unspecified"
+            ET.SubElement(obj, "truncated").text = str(int(item.truncated))
+            ET.SubElement(obj, "difficult").text = "0"
+            bndbox = ET.SubElement(obj, "bndbox")
+            x_min, y_min, x_max, y_max = (int(v) for v in item.box)
+            # VOC is 1-based and inclusive: the pixel edges [x_min, x_max) are pixels x_min+1..x_max.
+            for tag, value in (("xmin", x_min + 1), ("ymin", y_min + 1), ("xmax", x_max), ("ymax", y_max)):
+                ET.SubElement(bndbox, tag).text = str(value)
+        ET.indent(ann)
+        ET.ElementTree(ann).write(self.root / "Annotations" / f"{name}.xml", encoding="utf-8")
+        self.ids[split].append(name)
+
+    def finish(self) -> None:
+        for split, ids in self.ids.items():
+            (self.root / "ImageSets" / "Main" / f"{split}.txt").write_text("".join(f"{i}\n" for i in ids))
+        (self.root / "labels.txt").write_text("".join(f"{c}\n" for c in self.classes))

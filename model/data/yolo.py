@@ -10,13 +10,23 @@ object, normalised to [0, 1]. A missing or empty label file is an image without 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from PIL import Image
 
-from .base import Annotation, DatasetError, DetectionDataset, Transform, make_annotation, read_image_size
+from .base import (
+    Annotation,
+    DatasetError,
+    DetectionDataset,
+    LabelledBox,
+    Transform,
+    make_annotation,
+    read_image_size,
+)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 YAML_NAMES = ("data.yaml", "dataset.yaml")
@@ -178,3 +188,33 @@ def _orphans(images: list[Path]) -> list[Path]:
     expected = {label_path(p) for p in images}
     folders = {p.parent for p in expected if p.parent.is_dir()}
     return sorted(p for folder in folders for p in folder.glob("*.txt") if p not in expected)
+
+
+class YoloWriter:
+    """Writes a YOLO dataset, the layout :func:`load_yolo` reads: ``data.yaml``, ``images/SPLIT/``
+    and ``labels/SPLIT/`` (one normalised ``class cx cy w h`` line per object).
+
+    ``add`` each image, then ``finish`` (the yaml)."""
+
+    def __init__(self, root: Path, classes: Sequence[str], quality: int = 90) -> None:
+        self.root, self.classes, self.quality = root, list(classes), quality
+        self.splits: list[str] = []
+
+    def add(self, split: str, name: str, image: Image.Image, objects: Sequence[LabelledBox]) -> None:
+        if split not in self.splits:
+            (self.root / "images" / split).mkdir(parents=True, exist_ok=True)
+            (self.root / "labels" / split).mkdir(parents=True, exist_ok=True)
+            self.splits.append(split)
+        image.save(self.root / "images" / split / f"{name}.jpg", quality=self.quality)
+        width, height = image.size
+        lines = []
+        for item in objects:
+            x_min, y_min, x_max, y_max = item.box
+            cx, cy = (x_min + x_max) / 2 / width, (y_min + y_max) / 2 / height
+            w, h = (x_max - x_min) / width, (y_max - y_min) / height
+            lines.append(f"{item.label} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n")
+        (self.root / "labels" / split / f"{name}.txt").write_text("".join(lines))
+
+    def finish(self) -> None:
+        config = {"path": ".", **{split: f"images/{split}" for split in self.splits}, "names": self.classes}
+        (self.root / "data.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
