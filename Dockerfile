@@ -37,6 +37,7 @@ COPY cli.py ./
 COPY model ./model
 COPY export ./export
 COPY service ./service
+COPY release ./release
 COPY deploy/retrain.sh ./deploy/retrain.sh
 RUN uv sync --frozen --no-group dev --no-editable \
     && useradd --create-home --uid 10001 trainer \

@@ -68,6 +68,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from model.data import DatasetError, open_dataset
     from model.inference import evaluate_model
 
+    if args.model:
+        return _evaluate_artifact(args)
     try:
         model, checkpoint = load_model(args.checkpoint)
         dataset = open_dataset(args.data, args.split, images_dir=args.images)
@@ -92,6 +94,33 @@ def _evaluate(args: argparse.Namespace) -> int:
     )
     print(json.dumps(metrics))
     return 0
+
+
+def _evaluate_artifact(args: argparse.Namespace) -> int:
+    from model.data import DatasetError, open_dataset
+    from release.evaluate import ClassMismatch, evaluate_artifact
+    from service.artifact import ArtifactError
+
+    try:
+        dataset = open_dataset(args.data, args.split, images_dir=args.images)
+        metrics = evaluate_artifact(
+            args.model,
+            dataset,
+            batch_size=args.batch_size,
+            providers=args.providers.split(","),
+            progress=True,
+        )
+    except (ArtifactError, ClassMismatch, DatasetError, FileNotFoundError) as exc:
+        print(f"ssd evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(metrics))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from release import promote
+
+    return promote.run(args)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -144,8 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model (see `ssd train --help`)", add_help=False)
     train.set_defaults(run=_train, accepts_any=True)
 
-    evaluate = sub.add_parser("evaluate", help="COCO and VOC07 mAP of a checkpoint; prints one JSON object")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate = sub.add_parser(
+        "evaluate", help="COCO and VOC07 mAP of a checkpoint or an artifact; prints one JSON object"
+    )
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="a training checkpoint, run by PyTorch")
+    what.add_argument(
+        "--model", help="an .onnx artifact, run as the service runs it (its decoding, ONNX Runtime)"
+    )
     evaluate.add_argument(
         "--data", required=True, help="a VOC root, a COCO instances JSON or a YOLO data.yaml"
     )
@@ -153,8 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--workers", type=int, default=0)
-    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--device", default="cpu", help="--checkpoint: cpu or cuda")
+    evaluate.add_argument("--providers", default="cpu", help="--model: ONNX Runtime's, e.g. cuda,cpu")
     evaluate.set_defaults(run=_evaluate)
+
+    promote = sub.add_parser(
+        "promote", help="replace the served artifact with a new one only if it is not worse on the data"
+    )
+    _configure_lazily(promote, "release.promote")
+    promote.set_defaults(run=_promote)
 
     # The parsers of export and predict live with their parts; importing those modules is cheap
     # (no torch at parse time for predict, which must run without it).

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The retrain-and-re-export job: train on DATA (the built-in synthetic set when DATA is empty
-# or absent), export the best checkpoint over MODEL_OUT. `ssd export` verifies the artifact and
-# renames it into place, so a detector watching MODEL_OUT (SSD_MODEL_POLL_S) swaps to it
-# without downtime, and never sees a broken file.
+# or absent) with the training defaults, export the best checkpoint into the run folder, then
+# promote it over MODEL_OUT only if it is not worse than the served model on DATA's validation
+# split (by more than SSD_PROMOTE_MIN_DELTA of COCO mAP; SSD_PROMOTE_FORCE=1 replaces it anyway).
+# `ssd promote` renames the artifact into place, so a detector watching MODEL_OUT
+# (SSD_MODEL_POLL_S) swaps to it without downtime and never sees a broken file. A candidate that
+# is kept out makes this job exit 1, saying why.
 set -euo pipefail
 model="${SSD_TRAIN_MODEL:-ssdlite320_mobilenet_v3_large}"
 data="${SSD_TRAIN_DATA:-/data/synth}"
@@ -10,6 +13,7 @@ runs="${SSD_TRAIN_RUNS:-/runs}"
 out="${SSD_MODEL_OUT:-/models/model.onnx}"
 epochs="${SSD_TRAIN_EPOCHS:-40}"
 device="${SSD_TRAIN_DEVICE:-cpu}"
+min_delta="${SSD_PROMOTE_MIN_DELTA:-0}"
 run="$runs/$(date -u +%Y%m%dT%H%M%SZ)"
 
 if [ ! -e "$data" ] || [ -z "$(ls -A "$data" 2>/dev/null)" ]; then
@@ -17,6 +21,8 @@ if [ ! -e "$data" ] || [ -z "$(ls -A "$data" 2>/dev/null)" ]; then
 fi
 extra=()
 if [ "$device" = "cuda" ]; then extra+=(--amp); fi
-ssd train --model "$model" --data "$data" --epochs "$epochs" --batch-size 16 --lr 0.05 \
-    --precise-bn 16 --device "$device" --out "$run" "${extra[@]}"
-ssd export --checkpoint "$run/best.pt" --out "$out"
+ssd train --model "$model" --data "$data" --epochs "$epochs" --device "$device" --out "$run" "${extra[@]}"
+ssd export --checkpoint "$run/best.pt" --out "$run/model.onnx"
+promote=(--over "$out" --data "$data" --min-delta "$min_delta")
+if [ "${SSD_PROMOTE_FORCE:-0}" = "1" ]; then promote+=(--force); fi
+ssd promote "$run/model.onnx" "${promote[@]}"

@@ -1,0 +1,149 @@
+"""``ssd promote CANDIDATE.onnx --over SERVED.onnx --data DATA``: replace the served artifact
+only with one that is not worse.
+
+Both artifacts are evaluated the same way (release/evaluate.py: the service's decoding and
+session) on the same split. The candidate replaces the served file (copied beside it, then
+renamed over it, so that a service watching it never reads half a file) when it detects the same
+classes and its metric is at least the served one's minus ``--min-delta``; otherwise the served
+file is left as it is, the reason is printed, and the exit code is 1. ``--force`` replaces it
+regardless (still evaluating the candidate, so that what was installed is on record). Where
+nothing is served yet, the candidate is installed.
+
+Exit codes: 0 promoted (or forced), 1 kept, 2 a file or the data cannot be used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.data import DetectionDataset
+
+METRICS = ("map", "map50", "map75", "voc07_map")
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    reason: str
+    metric: str
+    candidate: float | None
+    served: float | None
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("candidate", help="the newly exported .onnx artifact")
+    parser.add_argument("--over", required=True, metavar="SERVED", help="the served .onnx file to replace")
+    parser.add_argument("--data", required=True, help="the dataset both are evaluated on")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
+    parser.add_argument(
+        "--metric", choices=METRICS, default="map", help="what is compared (default map, COCO's mAP@[.5:.95])"
+    )
+    parser.add_argument(
+        "--min-delta",
+        type=float,
+        default=0.0,
+        help="replace when candidate >= served - MIN_DELTA (default 0: not worse at all)",
+    )
+    parser.add_argument("--force", action="store_true", help="replace the served file whatever the scores")
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def install(candidate: Path, served: Path) -> None:
+    """Copy ``candidate`` over ``served`` atomically (a temporary file beside it, then rename)."""
+    served.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{served.name}.", suffix=".tmp", dir=served.parent)
+    try:
+        with os.fdopen(handle, "wb") as out, open(candidate, "rb") as src:
+            shutil.copyfileobj(src, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, served)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def decide(
+    candidate: Path,
+    served: Path,
+    dataset: DetectionDataset,
+    metric: str = "map",
+    min_delta: float = 0.0,
+    force: bool = False,
+    batch_size: int = 8,
+) -> Decision:
+    """Evaluate and compare; replaces ``served`` when the decision is to promote. Raises
+    ArtifactError when the candidate is not a loadable artifact."""
+    from model.evaluation import evaluate
+    from model.inference import ground_truth
+    from service.artifact import ArtifactError, Detector
+
+    from .evaluate import predict_artifact
+
+    def score(detector: Detector) -> float:
+        predictions = predict_artifact(detector, dataset, batch_size, progress=True)
+        return float(evaluate(ground_truth(dataset), predictions, dataset.classes)[metric])
+
+    def promoted(reason: str, new: float | None, old: float | None = None) -> Decision:
+        install(candidate, served)
+        return Decision(True, reason, metric, new, old)
+
+    new = Detector(candidate)
+    if list(new.info.classes) != list(dataset.classes):
+        reason = f"the candidate detects {new.info.classes}, the data has {dataset.classes}"
+        if not force:
+            return Decision(False, f"{reason}; {served} kept (--force replaces it)", metric, None, None)
+        return promoted(f"{reason}; replaced (--force)", None)
+    new_score = score(new)
+    if not served.exists():
+        return promoted(f"nothing was served at {served}: installed", new_score)
+    try:
+        old = Detector(served)
+    except ArtifactError as exc:  # a broken served file serves nothing: anything loadable is better
+        return promoted(f"the served file is not a loadable artifact ({exc}): replaced", new_score)
+    if list(old.info.classes) != list(new.info.classes):
+        reason = f"the candidate detects {new.info.classes}, the served model {old.info.classes}"
+        if not force:
+            return Decision(False, f"{reason}; {served} kept (--force replaces it)", metric, new_score, None)
+        return promoted(f"{reason}; replaced (--force)", new_score)
+    old_score = score(old)
+    compared = f"{metric} {new_score:.4f} against the served {old_score:.4f} (min delta {min_delta:g})"
+    if new_score >= old_score - min_delta:
+        return promoted(compared, new_score, old_score)
+    if force:
+        return promoted(f"{compared}: worse; replaced (--force)", new_score, old_score)
+    return Decision(
+        False, f"{compared}: worse; {served} kept (--force replaces it)", metric, new_score, old_score
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from model.data import DatasetError, open_dataset
+    from service.artifact import ArtifactError
+
+    candidate, served = Path(args.candidate), Path(args.over)
+    try:
+        if candidate.resolve() == served.resolve():
+            raise ValueError(f"the candidate is the served file itself ({served})")
+        dataset = open_dataset(args.data, args.split, images_dir=args.images)
+        decision = decide(
+            candidate, served, dataset, args.metric, args.min_delta, args.force, args.batch_size
+        )
+    except (ArtifactError, DatasetError, ValueError, OSError) as exc:
+        print(f"ssd promote: {exc}", file=sys.stderr)
+        return 2
+    verb = "promoted" if decision.promoted else "kept the served model"
+    print(f"ssd promote: {verb}: {decision.reason}", file=sys.stderr)
+    print(json.dumps(asdict(decision)))
+    return 0 if decision.promoted else 1
