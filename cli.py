@@ -56,6 +56,9 @@ def _data_synth(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    if "-h" not in args.argv and "--help" not in args.argv:
+        # Importing torch and torchvision takes 5 to 15 s on a small machine: say so at once.
+        print("ssd train: loading PyTorch ...", file=sys.stderr, flush=True)
     from model import train
 
     return train.main(args.argv)

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,8 @@ def export_artifact(source: Source, out: str | Path, options: ExportOptions | No
     options = options or ExportOptions()
     out = Path(out)
     model = source.model.eval()
+    started = time.perf_counter()
+    log.info("building the ONNX graph of %s (torch.onnx) ...", model.name)
     proto = build_onnx(model, options)
     metadata = build_metadata(
         model_name=model.name,
@@ -144,8 +147,12 @@ def export_artifact(source: Source, out: str | Path, options: ExportOptions | No
             f.flush()
             os.fsync(f.fileno())
         artifact = Artifact(out, hashlib.sha256(data).hexdigest(), metadata)
+        log.info("graph built and checked in %.1f s", time.perf_counter() - started)
         if not options.raw:
+            started = time.perf_counter()
+            log.info("verifying it against PyTorch with ONNX Runtime ...")
             _verify(tmp, source, options, artifact)
+            log.info("verified in %.1f s", time.perf_counter() - started)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:

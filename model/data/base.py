@@ -7,16 +7,19 @@ as a crash deep inside training. Images are decoded lazily in ``__getitem__``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
+
+T = TypeVar("T")
 
 
 class DatasetError(ValueError):
@@ -60,6 +63,14 @@ class Annotation:
                 f"{self.path}: {count} boxes but {len(self.difficult)} difficult "
                 f"and {len(self.crowd)} crowd flags"
             )
+
+
+def reading(items: Sequence[T], what: str) -> Iterable[T]:
+    """``items`` with a progress bar on stderr once reading them has lasted 5 s (a large set's
+    image headers and label files take minutes on a slow disk); silent for a small set."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="file", file=sys.stderr, delay=5.0, mininterval=5.0)
 
 
 @dataclass(frozen=True)

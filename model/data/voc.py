@@ -25,6 +25,7 @@ from .base import (
     Transform,
     make_annotation,
     read_image_size,
+    reading,
 )
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -158,7 +159,7 @@ def load_voc(root: Path | str, split: str = "train", transform: Transform | None
         raise DatasetError(f"{split_file}: lists no images")
     annotations: list[Annotation] = []
     skipped: list[tuple[str, str]] = []
-    for image_id, name in enumerate(ids):
+    for image_id, name in enumerate(reading(ids, f"reading {split}")):
         xml_path = root / "Annotations" / f"{name}.xml"
         filename, size, boxes, labels, difficult = parse_voc_xml(xml_path, classes)
         image_path = root / "JPEGImages" / f"{name}.jpg"

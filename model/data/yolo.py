@@ -26,6 +26,7 @@ from .base import (
     Transform,
     make_annotation,
     read_image_size,
+    reading,
 )
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -162,7 +163,7 @@ def load_yolo(path: Path | str, split: str = "train", transform: Transform | Non
     annotations: list[Annotation] = []
     skipped: list[tuple[str, str]] = []
     unlabelled = 0
-    for image_id, image_path in enumerate(images):
+    for image_id, image_path in enumerate(reading(images, f"reading {split}")):
         width, height = read_image_size(image_path)
         labels_file = label_path(image_path)
         unlabelled += not labels_file.is_file()
