@@ -268,20 +268,9 @@ def train(config: TrainConfig) -> Path:
     # ---- data, model and what the defaults become for them -----------------------------------
     train_set, val_set = open_splits(config, spec, log_summary=procs.main)
     classes = train_set.classes
-    restart = read_checkpoint(run / "last.pt") if config.resume else None
-    start = read_checkpoint(Path(config.init_from)) if config.init_from and not config.resume else None
-    if start is not None:
-        check_fits(start, config.init_from, config.model, classes, config.scale_set, "--init-from")
-    if restart is not None:
-        check_fits(restart, run / "last.pt", config.model, classes, config.scale_set, "--resume")
+    restart, start = _checkpoints(config, run, classes)
     from_checkpoint = restart or start
-    if from_checkpoint:  # its weights replace the starting ones: fetch none
-        flag = "--resume" if restart else "--init-from"
-        weights = defaults.Setting(str(run / "last.pt") if restart else config.init_from, flag)
-        pretrained_layout = from_checkpoint.get("pretrained_layout", False)
-    else:
-        weights = defaults.starting_weights(config.backbone_weights, recipe, spec.backbone, len(train_set))
-        pretrained_layout = weights.value is not None
+    weights, pretrained_layout = _starting_weights(config, spec, len(train_set), restart, start)
     model = build_model(
         config.model,
         len(classes) + 1,
@@ -324,14 +313,7 @@ def train(config: TrainConfig) -> Path:
         model.load_state_dict(start["model"])
         log.info("starting from the weights of %s (epoch %d)", config.init_from, start["epoch"])
     if restart is not None:
-        model.load_state_dict(restart["model"])
-        optimizer.load_state_dict(restart["optimizer"])
-        scheduler.load_state_dict(restart["scheduler"])
-        scaler.load_state_dict(restart["scaler"])
-        start_epoch, best_map = restart["epoch"], restart["best_map"]
-        rngs = restart["rng"]
-        set_rng_state(rngs[procs.rank] if procs.rank < len(rngs) else rngs[0])
-        history = restart.get("history", [])
+        start_epoch, best_map, history = _restore(restart, model, optimizer, scheduler, scaler, procs.rank)
         log.info("resumed %s at epoch %d", run / "last.pt", start_epoch)
 
     writer = None
@@ -470,16 +452,7 @@ def train(config: TrainConfig) -> Path:
                 rng=rngs,
                 history=history,
             )
-            atomic_save(state, run / "last.pt")
-            if improved:
-                atomic_save(state, run / "best.pt")
-            with open(run / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            for key, value in record["train"].items():
-                writer.add_scalar(f"epoch/{key}", value, epoch + 1)
-            if metrics is not None:
-                for key in ("map", "map50", "map75", "voc07_map"):
-                    writer.add_scalar(f"val/{key}", metrics[key], epoch + 1)
+            _save_epoch(run, state, improved, record, writer)
         if procs.distributed:
             dist.barrier()
         if config.stop_after is not None and epoch + 1 - start_epoch >= config.stop_after:
@@ -491,6 +464,73 @@ def train(config: TrainConfig) -> Path:
     if procs.distributed:
         dist.destroy_process_group()
     return run
+
+
+def _checkpoints(
+    config: TrainConfig, run: Path, classes: list[str]
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """The checkpoint to resume (``RUN/last.pt``) and the one to fine-tune from (``--init-from``,
+    ignored when resuming), each checked to be of this model, classes and scale set."""
+    restart = start = None
+    if config.resume:
+        restart = read_checkpoint(run / "last.pt")
+        check_fits(restart, run / "last.pt", config.model, classes, config.scale_set, "--resume")
+    elif config.init_from:
+        start = read_checkpoint(Path(config.init_from))
+        check_fits(start, config.init_from, config.model, classes, config.scale_set, "--init-from")
+    return restart, start
+
+
+def _starting_weights(
+    config: TrainConfig,
+    spec: ModelSpec,
+    images: int,
+    restart: dict[str, Any] | None,
+    start: dict[str, Any] | None,
+) -> tuple[defaults.Setting, bool]:
+    """Where the weights come from, and whether the backbone has its pretrained layout. A
+    checkpoint's weights replace the starting ones, so none are fetched then."""
+    if restart or start:
+        source = str(Path(config.out) / "last.pt") if restart else str(config.init_from)
+        weights = defaults.Setting(source, "--resume" if restart else "--init-from")
+        return weights, bool((restart or start).get("pretrained_layout", False))
+    weights = defaults.starting_weights(config.backbone_weights, spec.recipe, spec.backbone, images)
+    return weights, weights.value is not None
+
+
+def _restore(
+    state: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    rank: int,
+) -> tuple[int, float, list[dict[str, Any]]]:
+    """Load a resumed run's state; returns its completed epochs, best mAP and history."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    rngs = state["rng"]
+    set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+    return state["epoch"], state["best_map"], state.get("history", [])
+
+
+def _save_epoch(
+    run: Path, state: dict[str, Any], improved: bool, record: dict[str, Any], writer: Any
+) -> None:
+    """last.pt (and best.pt), the metrics.jsonl line and the TensorBoard points of one epoch."""
+    atomic_save(state, run / "last.pt")
+    if improved:
+        atomic_save(state, run / "best.pt")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    epoch = record["epoch"]
+    for key, value in record["train"].items():
+        writer.add_scalar(f"epoch/{key}", value, epoch)
+    for key in ("map", "map50", "map75", "voc07_map"):
+        if "val" in record:
+            writer.add_scalar(f"val/{key}", record["val"][key], epoch)
 
 
 def _recompute_statistics(
