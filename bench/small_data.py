@@ -82,7 +82,7 @@ def build(out: Path, photos: Path, train: int = 400, val: int = 100, seed: int =
 
 def _run(name: str, flags: list[str], seed: int, data: Path, out: Path, epochs: int, threads: int) -> Path:
     run = out / "runs" / f"{name}-s{seed}"
-    if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= epochs:
+    if _finished(run, epochs):
         return run  # done before: a report can be rebuilt without training again
     command = [
         sys.executable, "-m", "cli", "train", "--model", MODEL, "--data", str(data),
@@ -107,6 +107,11 @@ def _run(name: str, flags: list[str], seed: int, data: Path, out: Path, epochs: 
     return run
 
 
+def _finished(run: Path, epochs: int) -> bool:
+    metrics = run / "metrics.jsonl"
+    return metrics.is_file() and len(metrics.read_text().splitlines()) >= epochs
+
+
 def _curve(run: Path) -> list[float]:
     return [json.loads(line)["val"]["map50"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -125,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
         help='configurations: "defaults", or a name and ssd train flags, e.g. "lr0.1:--lr 0.1"',
     )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (the cores are shared out)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the finished runs of --runs, any seed",
+    )
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -138,16 +148,27 @@ def main(argv: list[str] | None = None) -> int:
         name, _, flags = spec.partition(":")
         configs[name] = shlex.split(flags)
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    jobs = [(name, flags, seed) for name, flags in configs.items() for seed in args.seeds]
-    with ThreadPoolExecutor(args.jobs) as pool:
-        runs = list(pool.map(lambda j: _run(*j, data, out, args.epochs, threads), jobs))
+    if args.report_only:
+        jobs, runs = [], []
+        for name, flags in configs.items():
+            for run in sorted((out / "runs").glob(f"{name}-s*")):
+                if run.is_dir() and run.name[len(name) + 2 :].isdigit() and _finished(run, args.epochs):
+                    jobs.append((name, flags, int(run.name[len(name) + 2 :])))
+                    runs.append(run)
+    else:
+        jobs = [(name, flags, seed) for name, flags in configs.items() for seed in args.seeds]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            runs = list(pool.map(lambda j: _run(*j, data, out, args.epochs, threads), jobs))
 
     results = {}
     for name in configs:
         curves = [_curve(run) for (n, _, _), run in zip(jobs, runs, strict=True) if n == name]
         mean = [statistics.fmean(values) for values in zip(*curves, strict=True)]
+        if not curves:
+            continue
         results[name] = {
             "flags": shlex.join(configs[name]),
+            "seeds": [seed for n, _, seed in jobs if n == name],
             "final_map50_per_seed": [round(c[-1], 4) for c in curves],
             "final_map50": round(mean[-1], 4),
             "best_map50": round(max(mean), 4),
@@ -159,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join([*PROG.split(), *(argv if argv is not None else sys.argv[1:])]),
         "model": MODEL,
         "epochs": args.epochs,
-        "seeds": args.seeds,
         "results": results,
     }
     (out / "small_data.json").write_text(json.dumps(report, indent=2))

@@ -258,6 +258,10 @@ def train(config: TrainConfig) -> Path:
     keep_freed_memory()  # see malloc.py: more than halves a CPU training step here
     if config.model not in MODELS:
         raise TrainError(f"unknown model {config.model!r}; known: {', '.join(MODELS)}")
+    for name in ("epochs", "batch_size", "warmup_iters", "precise_bn", "lr"):
+        value = getattr(config, name)
+        if value is not None and (value < 0 or (value == 0 and name in ("epochs", "batch_size"))):
+            raise TrainError(f"--{name.replace('_', '-')} {value}: must be positive")
     procs = start_processes(config)
     device, world = procs.device, procs.world
     run = Path(config.out)

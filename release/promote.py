@@ -39,6 +39,16 @@ class Decision:
     served: float | None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not at least 1")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("candidate", help="the newly exported .onnx artifact")
     parser.add_argument("--over", required=True, metavar="SERVED", help="the served .onnx file to replace")
@@ -55,7 +65,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="replace when candidate >= served - MIN_DELTA (default 0: not worse at all)",
     )
     parser.add_argument("--force", action="store_true", help="replace the served file whatever the scores")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=_positive, default=8)
 
 
 def install(candidate: Path, served: Path) -> None:

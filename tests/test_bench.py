@@ -251,3 +251,20 @@ def test_with_query_adds_a_deadline_to_a_raw_request():
     assert with_query(raw, "timeout_ms=300").startswith(b"POST /detect?timeout_ms=300 HTTP/1.1\r\nHost: x")
     assert with_query(with_query(raw, "a=1"), "b=2").split(b" ")[1] == b"/detect?a=1&b=2"
     assert with_query(raw, "a=1").endswith(b"\r\n\r\nab")
+
+
+def test_the_small_data_set_is_shapes_on_held_apart_photos(tmp_path):
+    from bench.small_data import CLASSES, PHOTOS, build
+    from model.data import open_dataset
+    from model.data.summary import Summary
+
+    if not PHOTOS.is_dir():
+        pytest.skip(f"the coco-mini photos are not at {PHOTOS}")
+    data = build(tmp_path / "data", PHOTOS, train=12, val=6)
+    train, val = open_dataset(data, "train"), open_dataset(data, "val")
+    assert (len(train), len(val)) == (12, 6) and train.classes == list(CLASSES)
+    summary = Summary.of(train, "train")
+    assert summary.without_objects == 0 and all(summary.objects.values())
+    # Objects from 10% to 60% of the side; rotation, occlusion and the border trim a few below.
+    assert summary.sizes["< 5%"] == 0 and summary.sizes[">= 60%"] <= 0.1 * sum(summary.sizes.values())
+    assert not (tmp_path / "data.partial").exists()

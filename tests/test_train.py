@@ -206,3 +206,12 @@ def test_bad_data_and_missing_checkpoints_are_messages_not_tracebacks(tmp_path, 
         ]
     )
     assert code == 2 and "last.pt does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("option", "value"), [("epochs", 0), ("batch_size", 0), ("lr", -0.1), ("precise_bn", -1)]
+)
+def test_impossible_options_are_refused_before_anything_runs(tmp_path, option, value):
+    with pytest.raises(training.TrainError, match=f"--{option.replace('_', '-')} {value}: must be positive"):
+        training.train(_config(tmp_path / "no-data", tmp_path / "run", **{option: value}))
+    assert not (tmp_path / "run").exists()
