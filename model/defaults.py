@@ -161,24 +161,37 @@ def starting_weights(
     images: int,
     fetch: Callable[[str], str] = fetch_imagenet,
 ) -> Setting:
-    """``given``: "auto" (the default), "recipe", "imagenet", "none" or a file."""
-    if given not in ("auto", None):
+    """``given``: "auto" (the default), "recipe", "imagenet", "none" or a file. ImageNet weights
+    are fetched here, so that the table says what the run really starts from: where "auto" or
+    the recipe wants them and they cannot be had, random weights and the reason; where
+    ``--backbone-weights`` asked for them by name, WeightsError."""
+    explicit = given not in ("auto", None)
+    if explicit:
         weights = recipe.backbone_weights if given == "recipe" else given
-        return Setting(None if weights in (None, "none") else weights, f"--backbone-weights {given}")
-    if images >= PRETRAINED_BELOW:
-        return Setting(recipe.backbone_weights, f"{images} images: the recipe's")
+        why = f"--backbone-weights {given}"
+        if weights in (None, "none") or weights != "imagenet":
+            return Setting(None if weights in (None, "none") else weights, why)
+    elif images >= PRETRAINED_BELOW:
+        why = f"{images} images: the recipe's"
+        if recipe.backbone_weights is None:
+            return Setting(None, why + " (from scratch)")
+    else:
+        why = f"{images} images: a pretrained start"
     try:
         source = fetch(backbone)
     except (OSError, RuntimeError) as exc:  # URLError, timeouts, a corrupt download (hash check)
         from .backbones import imagenet_weights
 
         name = Path(imagenet_weights(backbone).url).name
-        return Setting(
-            None,
-            f"ImageNet weights for {backbone} are not reachable ({exc}); put {name} in torch's hub "
-            "cache (checkpoints/) or pass --backbone-weights FILE",
-        )
-    return Setting("imagenet", f"{images} images: a pretrained start ({source})")
+        where = f"put {name} in torch's hub cache (checkpoints/) or pass --backbone-weights FILE"
+        if explicit:
+            from .weights import WeightsError
+
+            raise WeightsError(
+                f"{why}: ImageNet weights for {backbone} are not reachable ({exc}); {where}"
+            ) from exc
+        return Setting(None, f"ImageNet weights for {backbone} are not reachable ({exc}); {where}")
+    return Setting("imagenet", f"{why} ({source})")
 
 
 def plan(given: Any, recipe: Recipe, images: int, world: int, has_batch_norm: bool, weights: Setting) -> Plan:

@@ -10,6 +10,7 @@ from model import defaults
 from model.build import build_model
 from model.checkpoint import atomic_save, load_model
 from model.registry import MODELS
+from model.weights import WeightsError
 
 SSDLITE = MODELS["ssdlite320_mobilenet_v3_large"].recipe  # lr 0.15 at batch 192
 VGG = MODELS["ssd300_vgg16"].recipe  # lr 0.002 at batch 32
@@ -71,8 +72,15 @@ def test_a_small_set_starts_from_imagenet_where_reachable_and_says_so_where_not(
     # A large set follows the recipe (SSDlite: from scratch) without fetching anything.
     large = defaults.starting_weights("auto", SSDLITE, "mobilenet_v3_large", 50_000, fetch=offline)
     assert large.value is None and "recipe" in large.why
-    assert defaults.starting_weights("recipe", VGG, "vgg16", 400, fetch=offline).value == "imagenet"
+    # VGG's recipe wants ImageNet weights: fetched, or said to be out of reach.
+    large_vgg = defaults.starting_weights("auto", VGG, "vgg16", 50_000, fetch=lambda b: "from the cache")
+    assert large_vgg.value == "imagenet" and "the recipe's (from the cache)" in large_vgg.why
+    assert defaults.starting_weights("auto", VGG, "vgg16", 50_000, fetch=offline).value is None
+    # Asked for by name and out of reach: an error, not a silent random start.
+    with pytest.raises(WeightsError, match="--backbone-weights recipe: ImageNet weights for vgg16 are not"):
+        defaults.starting_weights("recipe", VGG, "vgg16", 400, fetch=offline)
     assert defaults.starting_weights("none", VGG, "vgg16", 400, fetch=offline).value is None
+    assert defaults.starting_weights("w.pth", VGG, "vgg16", 400, fetch=offline).value == "w.pth"
 
 
 def test_the_plan_table_names_each_choice_and_its_reason():
