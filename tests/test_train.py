@@ -1,6 +1,7 @@
 """Training on CPU: outputs, exact resume, divergence, and DDP with two gloo processes."""
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from model import train as training
 from model.checkpoint import CheckpointError, load_model, read_checkpoint
@@ -42,10 +44,18 @@ def _config(data, out, **overrides):
 
 
 @pytest.mark.slow
-def test_outputs_and_exact_resume(tiny_data, tmp_path):
+def test_outputs_and_exact_resume(tiny_data, tmp_path, caplog):
+    caplog.set_level(logging.INFO, "ssd.train")
     straight = training.train(_config(tiny_data, tmp_path / "straight"))
     for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "curves.png"):
         assert (straight / name).is_file(), name
+    # What the defaults became, said at start and kept in config.yaml: here the unset batch norm.
+    assert "what the defaults became for this run" in caplog.text
+    assert "recomputed on 64 batches" in caplog.text and "start  random" in caplog.text
+    settings = yaml.safe_load((straight / "config.yaml").read_text())
+    assert (settings["batch_size_effective"], settings["precise_bn_effective"]) == (4, 64)
+    assert settings["steps_per_epoch"] == 2 and settings["why"]["batch_size"] == "--batch-size"
+    assert settings["backbone_weights_effective"] is None
     assert any((straight / "tensorboard").iterdir())
     lines = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2]
