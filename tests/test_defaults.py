@@ -23,7 +23,17 @@ def _given(**values):
 
 @pytest.mark.parametrize(
     ("images", "world", "batch"),
-    [(400, 1, 16), (200, 1, 8), (100, 1, 8), (5, 1, 5), (800, 1, 32), (20_000, 1, 32), (400, 2, 8)],
+    [
+        (400, 1, 8),
+        (100, 1, 8),
+        (5, 1, 5),
+        (800, 1, 8),
+        (1600, 1, 16),
+        (2000, 1, 16),  # the synthetic set: the demo model's batch
+        (3200, 1, 32),
+        (118_287, 1, 32),  # COCO
+        (3200, 2, 16),
+    ],
 )
 def test_batch_keeps_enough_steps_an_epoch(images, world, batch):
     assert defaults.batch_size(None, images, world).value == batch
@@ -86,16 +96,16 @@ def test_a_small_set_starts_from_imagenet_where_reachable_and_says_so_where_not(
 def test_the_plan_table_names_each_choice_and_its_reason():
     weights = defaults.Setting(None, "ImageNet weights for mobilenet_v3_large are not reachable (x)")
     plan = defaults.plan(_given(), SSDLITE, 400, 1, True, weights)
-    assert (plan.batch_size.value, plan.steps_per_epoch, plan.total_steps) == (16, 25, 750)
-    assert plan.warmup.value == 38 and plan.precise_bn.value == 16
+    assert (plan.batch_size.value, plan.steps_per_epoch, plan.total_steps) == (8, 50, 1500)
+    assert plan.warmup.value == 75 and plan.precise_bn.value == 32
     table = "\n".join(plan.table())
     for text in (
-        "batch",
-        "16",
-        "25 per epoch, 750 in all",
-        "38 steps",
-        "0.0433",
-        "recomputed on 16 batches",
+        "batch  8 ",
+        "toward 100 steps an epoch",
+        "50 per epoch, 1500 in all",
+        "75 steps",
+        "0.03062",
+        "recomputed on 32 batches",
         "random",
         "not reachable",
     ):
