@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from model.data import DetectionDataset
+from model.data import DatasetError, DetectionDataset
 from model.evaluation import evaluate
 from model.inference import ground_truth
 from service.artifact import Detector
-from service.images import Decoded, decode
+from service.images import Decoded, ImageError, decode
 
 log = logging.getLogger("ssd.release")
 
@@ -54,13 +54,18 @@ def predict_artifact(
         total=len(paths), unit="img", desc="evaluate", file=sys.stderr, mininterval=5.0, delay=5.0,
         disable=not progress,
     )  # fmt: skip
-    # Decoding (Pillow, outside the GIL) overlaps the previous batch's inference.
+
+    def read(path: Path) -> Decoded:
+        try:
+            return decode(Path(path).read_bytes(), size, MAX_PIXELS)
+        except ImageError as exc:  # the file passed the loader's header check, not the service's
+            raise DatasetError(f"{path}: {exc}") from exc
+
+    # A batch's images are decoded in two threads (Pillow releases the GIL while it decodes).
     with ThreadPoolExecutor(2) as pool, bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            decoded: list[Decoded] = list(
-                pool.map(lambda p: decode(Path(p).read_bytes(), size, MAX_PIXELS), chunk)
-            )
+            decoded: list[Decoded] = list(pool.map(read, chunk))
             found = detector.detect(np.stack([d.pixels for d in decoded]))
             for image, detections, ann in zip(decoded, found, dataset.annotations[start:], strict=False):
                 rotated += (image.width, image.height) != (ann.width, ann.height)

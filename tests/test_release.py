@@ -170,3 +170,14 @@ def test_the_retrain_job_keeps_a_better_served_model(tmp_path):
     assert served.read_bytes() == DEMO.read_bytes()
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "model.onnx").is_file()  # the candidate stays in its run folder
+
+
+def test_an_image_the_service_would_refuse_is_named(tmp_path, capsys):
+    from model.data.synth import generate
+
+    data = generate(tmp_path / "data", "yolo", images=1, val_images=2, seed=3, image_size=(96, 96))
+    victim = sorted((data / "images" / "val").iterdir())[1]
+    whole = victim.read_bytes()
+    victim.write_bytes(whole[: len(whole) * 6 // 10])  # the header reads, the pixels do not
+    code, _, err = _ssd(capsys, "evaluate", "--model", DEMO, "--data", data)
+    assert code == 2 and victim.name in err and "truncated" in err and "Traceback" not in err
