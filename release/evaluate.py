@@ -81,6 +81,16 @@ def predict_artifact(
     return results
 
 
+def evaluate_detector(
+    detector: Detector, dataset: DetectionDataset, batch_size: int = 8, progress: bool = False
+) -> dict[str, Any]:
+    """COCO mAP@[.5:.95], mAP@.5, mAP@.75, VOC07 mAP and AP per class of ``detector`` on
+    ``dataset``. Raises ClassMismatch."""
+    check_classes(detector, dataset)
+    predictions = predict_artifact(detector, dataset, batch_size, progress)
+    return evaluate(ground_truth(dataset), predictions, dataset.classes)
+
+
 def evaluate_artifact(
     path: str | Path,
     dataset: DetectionDataset,
@@ -89,10 +99,6 @@ def evaluate_artifact(
     providers: Sequence[str] = ("cpu",),
     progress: bool = False,
 ) -> dict[str, Any]:
-    """COCO mAP@[.5:.95], mAP@.5, mAP@.75, VOC07 mAP and AP per class of the artifact at ``path``.
-
-    Raises ArtifactError (not a loadable artifact) and ClassMismatch."""
-    detector = Detector(path, providers)
-    check_classes(detector, dataset)
-    predictions = predict_artifact(detector, dataset, batch_size, progress)
-    return evaluate(ground_truth(dataset), predictions, dataset.classes)
+    """:func:`evaluate_detector` of the artifact at ``path``. Raises ArtifactError (not a
+    loadable artifact) and ClassMismatch."""
+    return evaluate_detector(Detector(path, providers), dataset, batch_size, progress)

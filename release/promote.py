@@ -95,15 +95,12 @@ def decide(
 ) -> Decision:
     """Evaluate and compare; replaces ``served`` when the decision is to promote. Raises
     ArtifactError when the candidate is not a loadable artifact."""
-    from model.evaluation import evaluate
-    from model.inference import ground_truth
     from service.artifact import ArtifactError, Detector
 
-    from .evaluate import predict_artifact
+    from .evaluate import evaluate_detector
 
     def score(detector: Detector) -> float:
-        predictions = predict_artifact(detector, dataset, batch_size, progress=True)
-        return float(evaluate(ground_truth(dataset), predictions, dataset.classes)[metric])
+        return float(evaluate_detector(detector, dataset, batch_size, progress=True)[metric])
 
     def promoted(reason: str, new: float | None, old: float | None = None) -> Decision:
         install(candidate, served)
