@@ -173,7 +173,7 @@ def starting_weights(
     if explicit:
         weights = recipe.backbone_weights if given == "recipe" else given
         why = f"--backbone-weights {given}"
-        if weights in (None, "none") or weights != "imagenet":
+        if weights != "imagenet":
             return Setting(None if weights in (None, "none") else weights, why)
     elif images >= PRETRAINED_BELOW:
         why = f"{images} images: the recipe's"
