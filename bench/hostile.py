@@ -475,7 +475,7 @@ class Target:
 
     def model_name(self) -> str:
         """The served name of its default model (what the OIP routes are addressed by)."""
-        return json.loads(request(self, "GET", "/model").body)["served_as"]
+        return json.loads(request(self, "GET", "/model").body)["name"]
 
 
 Attack = Callable[[Target], Answer]

@@ -12,23 +12,25 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from . import errors
+from . import detect, errors
+from .accounting import Accounting
 from .artifact import ArtifactError
+from .budget import RequestBudget
 from .decoding import Decoder
-from .detect import detect
-from .door import DoorApp
+from .dependencies import ModelQuery, StateDep, VersionQuery, known_query, served
+from .door import Door
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import ObservabilityMiddleware
 from .oip import rest as oip_rest
-from .repository import Repository
+from .repository import Repository, describe
 from .runtime import GPURequired
-from .settings import Settings
+from .settings import MB, Settings
 from .slow_clients import BodyRateGuard
-from .state import ModelQuery, State, StateDep, served
+from .state import State
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
     ``grpc_host`` (``ssd serve`` passes its own ``--host``)."""
     settings = settings or Settings()
     metrics = Metrics()
+    accounting = Accounting(metrics)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -48,7 +51,8 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
             settings.max_image_pixels,
             metrics,
         )
-        app.state.service = State(settings, metrics, repository, decoder, time.time())
+        budget = RequestBudget(settings.request_budget_mb * MB)
+        app.state.service = State(settings, metrics, repository, decoder, time.time(), accounting, budget)
         # A model that fails to load is logged: health and metrics are served anyway, and
         # /readyz says 503 until a reload or the poller succeeds. SSD_REQUIRE_GPU unmet raises.
         await repository.start()
@@ -65,7 +69,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
             await repository.stop(settings.shutdown_timeout_s)
             decoder.shutdown()
 
-    app = DoorApp(  # refusals at the door, outside every middleware (service/door.py)
+    app = FastAPI(
         title="SSD detector",
         version="1",
         lifespan=lifespan,
@@ -73,12 +77,12 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         redoc_url=None,
     )
     errors.install(app)
-    # Inside the metrics middleware (added after it, so nearer the routes): its 408s are counted and logged.
+    # Each added outside the one before. The body guard inside the accounting: its 408s are
+    # counted and logged. The door outside both (service/door.py): a refusal skips them.
     app.add_middleware(BodyRateGuard, timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
-    app.add_middleware(ObservabilityMiddleware, metrics=metrics)
-    # Registered on the app itself (not through an APIRouter) so that the metrics middleware
-    # can name the route from app.router.routes.
-    app.add_api_route("/detect", detect, methods=["POST"])
+    app.add_middleware(ObservabilityMiddleware, accounting=accounting)
+    app.add_middleware(Door, heads=[detect.head, oip_rest.head])
+    app.add_api_route("/detect", detect.detect, methods=["POST"], dependencies=[Depends(known_query)])
     app.include_router(oip_rest.router)
     _add_operational_routes(app)
     return app
@@ -93,10 +97,8 @@ def _add_operational_routes(app: FastAPI) -> None:
     async def readyz(state: StateDep) -> JSONResponse:
         if state.repository.ready:
             return JSONResponse({"status": "ready"})
-        waiting = [f"{m.name} (version {m.version})" for m in state.repository.models() if not m.ready]
-        message = f"not loaded and warmed up yet: {', '.join(waiting)}" if waiting else "no model found"
         return JSONResponse(
-            {"error": {"code": "not_ready", "message": message}},
+            {"error": {"code": "not_ready", "message": state.repository.not_ready()}},
             status_code=503,
             headers={"Retry-After": "5"},
         )
@@ -105,31 +107,35 @@ def _add_operational_routes(app: FastAPI) -> None:
     async def metrics(state: StateDep) -> Response:
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.api_route("/model", methods=["GET", "HEAD"])
-    async def model(state: StateDep, model: ModelQuery = None) -> dict[str, Any]:
-        chosen = served(state, model)
+    @app.api_route("/model", methods=["GET", "HEAD"], dependencies=[Depends(known_query)])
+    async def model(
+        state: StateDep, model: ModelQuery = None, version: VersionQuery = None
+    ) -> dict[str, Any]:
+        chosen = served(state, model, version)
         detector = chosen.detector
         if detector is None:
-            raise APIError(503, f"model {chosen.name} is not loaded", "not_ready", {"Retry-After": "5"})
+            raise APIError(
+                503, f"model {chosen.name} is not loaded: {chosen.error}", "not_ready", {"Retry-After": "5"}
+            )
         info = detector.info
         return {
-            "name": info.name,
-            "served_as": chosen.name,
-            "served_version": chosen.version,
-            "version": info.version,
-            "sha256": info.sha256,
+            **chosen.identity(),
             "path": info.path,
             "providers": detector.providers,
             "loaded_at": chosen.runtime.loaded_at,
             "load_seconds": round(detector.load_seconds, 3),
             "metadata": info.describe(),
+            "default": state.repository.default_name,
             "models": [
-                {"name": m.name, "version": m.version, "state": m.state} for m in state.repository.models()
+                {"name": m.name, "version": str(m.version), "state": m.state, "error": m.error}
+                for m in state.repository.models()
             ],
         }
 
-    @app.post("/model/reload")
-    async def reload(request: Request, state: StateDep, model: ModelQuery = None) -> dict[str, Any]:
+    @app.post("/model/reload", dependencies=[Depends(known_query)])
+    async def reload(
+        request: Request, state: StateDep, model: ModelQuery = None, version: VersionQuery = None
+    ) -> dict[str, Any]:
         token = state.settings.admin_token
         if token is None:
             raise APIError(403, "reload is disabled: no SSD_ADMIN_TOKEN is configured", "forbidden")
@@ -138,22 +144,16 @@ def _add_operational_routes(app: FastAPI) -> None:
         expected = token.get_secret_value()
         if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
             raise APIError(403, "a valid bearer token is required", "forbidden")
-        chosen = served(state, model)
+        chosen = served(state, model, version)
         try:
-            detector = await state.repository.reload(chosen)
+            await state.repository.reload(chosen)
         except (ArtifactError, GPURequired) as exc:
             log.error("reload of %s rejected, still serving the previous model: %s", chosen.name, exc)
             raise APIError(
                 422, f"reload rejected, the previous model keeps serving: {exc}", "invalid_artifact"
             ) from exc
-        info = detector.info
-        return {
-            "status": "reloaded",
-            "name": info.name,
-            "served_as": chosen.name,
-            "version": info.version,
-            "sha256": info.sha256,
-        }
+        log.info("reloaded %s", describe(chosen))
+        return {"status": "reloaded", **chosen.identity()}
 
     page = resources.files("service").joinpath("index.html").read_text()
 

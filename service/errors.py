@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -27,15 +28,38 @@ _CODES = {
 }
 
 
+# ``detector_rejected_requests_total{reason}`` names a few codes otherwise (the names its alerts
+# and dashboards have always used); every other code is its own reason.
+REASONS = {"deadline_exceeded": "deadline", "client_disconnected": "disconnected"}
+
+
 class APIError(Exception):
+    """An answer other than success: the contract's HTTP status, a code, a message for people,
+    headers, and the ``reason`` it is counted under when it answers an inference request."""
+
     def __init__(
-        self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or _CODES.get(status, "error")
         self.message = message
         self.headers = headers
+        self.reason = reason or REASONS.get(self.code, self.code)
+
+
+class ClientGone(Exception):
+    """The client went away before its answer, whatever the transport (499)."""
+
+
+def client_gone() -> APIError:
+    """A client that went away: no server error (nginx's 499), never read by anyone."""
+    return APIError(499, "the client closed the connection", "client_disconnected")
 
 
 def error_response(
@@ -47,46 +71,53 @@ def error_response(
 OIP_PREFIX = "/v2"
 
 
-def _render(
-    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    """Our contract's error, or under /v2 the Open Inference Protocol's ``{"error": "..."}``,
-    where a bad parameter is 400, not 422."""
-    if request.url.path == OIP_PREFIX or request.url.path.startswith(OIP_PREFIX + "/"):
-        return JSONResponse({"error": message}, status_code=400 if status == 422 else status, headers=headers)
-    return error_response(status, code, message, headers)
+def is_oip(path: str) -> bool:
+    return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
+
+
+def body(path: str, error: APIError) -> tuple[int, bytes]:
+    """The status and JSON body of ``error`` on ``path``: our contract's, or under /v2 the Open
+    Inference Protocol's ``{"error": "..."}``, where a bad parameter is 400, not 422."""
+    if is_oip(path):
+        return (400 if error.status == 422 else error.status), json.dumps({"error": error.message}).encode()
+    return error.status, json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+
+
+def _render(request: Request, error: APIError) -> Response:
+    call = request.scope.get("state", {}).get("call")
+    if call is not None:
+        call.fail(error)
+    status, content = body(request.url.path, error)
+    return Response(content, status_code=status, headers=error.headers, media_type="application/json")
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return _render(request, exc.status, exc.code, exc.message, exc.headers)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return _render(request, exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc'] if p not in ('query', 'body'))}: {e['msg']}"
             for e in exc.errors()
         )
-        return _render(request, 422, "invalid_parameters", problems or "invalid parameters")
+        return _render(request, APIError(422, problems or "invalid parameters", "invalid_parameters"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _render(
-            request,
-            exc.status_code,
-            _CODES.get(exc.status_code, "error"),
-            str(exc.detail),
-            getattr(exc, "headers", None),
-        )
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        error = APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return _render(request, error)
 
-    @app.exception_handler(ClientDisconnect)
-    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    async def _gone(request: Request, exc: Exception) -> Response:
         # No one reads this answer; its status is what the metrics and the access log record
         # (nginx's 499), so that a client leaving never looks like a server error.
-        return _render(request, 499, "client_disconnected", "the client closed the connection")
+        return _render(request, client_gone())
+
+    app.add_exception_handler(ClientDisconnect, _gone)
+    app.add_exception_handler(ClientGone, _gone)
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _render(request, 500, "internal_error", "internal error; see the service log")
+        return _render(request, APIError(500, "internal error; see the service log", "internal_error"))

@@ -55,18 +55,16 @@ class Metrics:
         ProcessCollector(registry=registry)
         PlatformCollector(registry=registry)
         self.requests = Counter(
-            "detector_requests", "HTTP requests answered", ["route", "code"], registry=registry
+            "detector_requests", "Requests answered", ["route", "code", "model"], registry=registry
         )
         self.request_duration = Histogram(
             "detector_request_duration_seconds",
-            "HTTP request latency",
-            ["route"],
+            "Request latency, from the request's head read to its answer sent",
+            ["route", "model"],
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
-        self.in_flight = Gauge(
-            "detector_requests_in_flight", "HTTP requests being handled", registry=registry
-        )
+        self.in_flight = Gauge("detector_requests_in_flight", "Requests being handled", registry=registry)
         self.images = Counter("detector_images", "Images run through the model", ["model"], registry=registry)
         self.queue_depth = Gauge(
             "detector_queue_depth", "Images waiting for a batch", ["model"], registry=registry
@@ -147,6 +145,17 @@ class Metrics:
         for result in ("success", "failure"):
             with contextlib.suppress(KeyError):
                 self.reloads.remove(model, result)
+        for family, names in ((self.requests, ("route", "code", "model")),
+                              (self.request_duration, ("route", "model"))):  # fmt: skip
+            gone = {
+                tuple(sample.labels[n] for n in names)
+                for metric in family.collect()
+                for sample in metric.samples
+                if sample.labels.get("model") == model
+            }
+            for labels in gone:
+                with contextlib.suppress(KeyError):
+                    family.remove(*labels)
         self._drop_info(model)
 
     def set_model(self, model: str, version: str, sha256: str, provider: str) -> None:

@@ -1,5 +1,6 @@
-"""Request ids, access logs and the HTTP metrics, as one pure ASGI middleware (no per-request
-task or body copy, unlike Starlette's BaseHTTPMiddleware)."""
+"""Logging (request ids in every line, plain or JSON), and the HTTP requests' ids and accounting
+as one pure ASGI middleware (no per-request task or body copy, unlike Starlette's
+BaseHTTPMiddleware)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,11 @@ import os
 import time
 from typing import Any
 
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from .accounting import NO_MODEL, UNMATCHED, Accounting, Outcome
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-access_log = logging.getLogger("service.access")
 
 
 class RequestIdFilter(logging.Filter):
@@ -35,7 +34,7 @@ class JSONFormatter(logging.Formatter):
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
-        for key in ("method", "path", "status", "duration_ms"):
+        for key in ("method", "path", "status", "duration_ms", "model"):
             if hasattr(record, key):
                 line[key] = getattr(record, key)
         if record.exc_info:
@@ -72,17 +71,12 @@ def new_request_id(given: str = "") -> str:
 
 
 class ObservabilityMiddleware:
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
+    """Each HTTP request's id (``X-Request-Id``, in the answer and every log line) and its
+    accounting (service/accounting.py): route template, status, model, duration, rejection."""
 
-    def _route(self, scope: Scope) -> str:
-        """The route's path template: a bounded label set, whatever paths clients send."""
-        for route in scope["app"].router.routes:
-            match, _ = route.matches(scope)
-            if match == Match.FULL:
-                return getattr(route, "path", "other")
-        return "other"
+    def __init__(self, app: ASGIApp, accounting: Accounting) -> None:
+        self.app = app
+        self.accounting = accounting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -90,12 +84,8 @@ class ObservabilityMiddleware:
             return
         rid = new_request_id(dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1"))
         token = request_id.set(rid)
-        route = self._route(scope)
         status = 500
         started = time.perf_counter()
-        # The request's arrival (its headers just read): deadlines count from here. The door
-        # (service/door.py), outside this middleware, sets it first.
-        scope.setdefault("state", {}).setdefault("arrival", time.monotonic())
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -105,26 +95,19 @@ class ObservabilityMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", rid.encode("latin-1"))]
             await send(message)
 
-        self.metrics.in_flight.inc()
+        self.accounting.metrics.in_flight.inc()
         try:
             await self.app(scope, receive, send_with_id)
         finally:
             elapsed = time.perf_counter() - started
-            self.metrics.in_flight.dec()
-            self.metrics.requests.labels(route, str(status)).inc()
-            self.metrics.request_duration.labels(route).observe(elapsed)
-            if route not in ("/metrics", "/healthz", "/readyz"):
-                access_log.info(
-                    "%s %s %d %.1f ms",
-                    scope["method"],
-                    scope["path"],
-                    status,
-                    elapsed * 1000,
-                    extra={
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 2),
-                    },
-                )
+            self.accounting.metrics.in_flight.dec()
+            call = scope.get("state", {}).get("call")
+            if call is not None:
+                call.close()
+                route, model, error = call.route, call.model.name if call.model else NO_MODEL, call.error
+            else:
+                route, model, error = getattr(scope.get("route"), "path", None) or UNMATCHED, NO_MODEL, None
+            self.accounting.record(
+                Outcome(scope["method"], scope["path"], route, status, elapsed, model, error)
+            )
             request_id.reset(token)

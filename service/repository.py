@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .artifact import ArtifactError, Detector
+from .artifact import ArtifactError, Detector, ModelInfo
 from .batcher import Batcher
 from .metrics import Metrics
 from .runtime import GPURequired, ModelRuntime, stamp
@@ -52,6 +52,17 @@ class ServedModel:
     batcher: Batcher
     # Set once its first load has ended, well or not: until then it is "loading".
     tried: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None  # why its file was refused, while it serves nothing
+
+    def identity(self, info: ModelInfo | None = None) -> dict[str, str]:
+        """Which model this is, as every answer, the page and the logs name it: the served name
+        and repository version, and the artifact (``info``: the one that ran; default: the one
+        loaded now)."""
+        out = {"name": self.name, "version": str(self.version)}
+        info = info or (self.detector.info if self.detector is not None else None)
+        if info is not None:
+            out |= {"architecture": info.name, "artifact_version": info.version, "sha256": info.sha256}
+        return out
 
     @property
     def detector(self) -> Detector | None:
@@ -100,6 +111,17 @@ async def settled(path: Path, seconds: float) -> bool:
     return before is not None and stamp(str(path)) == before
 
 
+def describe(model: ServedModel) -> str:
+    """A model as the logs name it: served name, version, and the artifact behind them."""
+    who = model.identity()
+    if "architecture" not in who:
+        return f"model {who['name']} version {who['version']}"
+    return (
+        f"model {who['name']} version {who['version']} ({who['architecture']}, "
+        f"artifact {who['artifact_version']}, sha256 {who['sha256'][:12]})"
+    )
+
+
 class Repository:
     """Every model served, looked up by name and version; loads, reloads and retires them."""
 
@@ -123,11 +145,16 @@ class Repository:
 
     @property
     def default_name(self) -> str | None:
-        """SSD_DEFAULT_MODEL, else the only one, else the first by name."""
-        names = self.names()
+        """SSD_DEFAULT_MODEL, else the only loaded one, else the first loaded by name: a file that
+        failed to load is never the default (a broken ``aa.onnx`` must not take the routes that
+        name no model from a good ``shapes.onnx``). Before anything has loaded, the first found."""
         wanted = self.settings.default_model
-        if wanted and wanted in names:
+        if wanted:
             return wanted
+        loaded = sorted({name for (name, _), m in self._models.items() if m.ready})
+        if loaded:
+            return loaded[0]
+        names = self.names()
         return names[0] if names else None
 
     def get(self, name: str | None = None, version: int | str | None = None) -> ServedModel:
@@ -149,11 +176,26 @@ class Repository:
 
     @property
     def ready(self) -> bool:
-        """Every artifact found has been loaded or refused, and at least one model serves. A
+        """Every artifact found has been loaded or refused, and the default model serves. A
         broken file is no model: it must not take a replica that serves the others out of its
         load balancer (it is listed as UNAVAILABLE, logged and counted instead)."""
-        models = self._models.values()
-        return any(m.ready for m in models) and all(m.tried.is_set() for m in models)
+        if not all(m.tried.is_set() for m in self._models.values()):
+            return False
+        try:
+            return self.get().ready
+        except ModelNotFound:
+            return False
+
+    def not_ready(self) -> str:
+        """Why ``ready`` is False, for /readyz."""
+        waiting = [f"{m.name} (version {m.version})" for m in self.models() if not m.tried.is_set()]
+        if waiting:
+            return f"not loaded and warmed up yet: {', '.join(waiting)}"
+        try:
+            model = self.get()
+        except ModelNotFound as exc:
+            return str(exc)
+        return f"the default model {model.name} (version {model.version}) is not loaded: {model.error}"
 
     # --- Life --------------------------------------------------------------------------------
 
@@ -198,7 +240,10 @@ class Repository:
         except GPURequired:
             raise  # SSD_REQUIRE_GPU: refuse to start
         except ArtifactError as exc:
+            model.error = str(exc)
             log.error("model %s version %d not loaded: %s", model.name, model.version, exc)
+        else:
+            model.error = None
         finally:
             model.tried.set()
 
@@ -215,6 +260,8 @@ class Repository:
             model.runtime.metrics = model.batcher.metrics = self.metrics.of(named)
             model.runtime.publish()
         self._models[(model.name, 1)] = model
+        if model.detector is not None:
+            log.info("serving %s from %s", describe(model), path)
 
     async def _add(self, key: tuple[str, int], path: Path, at_start: bool = True) -> None:
         """Load a new artifact, then list it: requests never see a model still warming up."""
@@ -226,7 +273,8 @@ class Repository:
             if not at_start:  # a broken file dropped into a serving repository: alert on it
                 model.batcher.metrics.reload("failure")
         self._models[key] = model
-        log.info("serving model %s version %d from %s", *key, path)
+        if model.detector is not None:
+            log.info("serving %s from %s", describe(model), path)
 
     def _retire(self, key: tuple[str, int]) -> None:
         model = self._models.pop(key)
@@ -240,9 +288,16 @@ class Repository:
     async def reload(self, model: ServedModel) -> Detector:
         """Load the model's file again now (POST /model/reload). Raises as ModelRuntime.load."""
         try:
-            return await model.runtime.load(initial=model.detector is None)
+            detector = await model.runtime.load(initial=model.detector is None)
+        except ArtifactError as exc:
+            if model.detector is None:
+                model.error = str(exc)
+            raise
         finally:
             self._publish_ready()
+        model.error = None
+        log.info("serving %s from %s", describe(model), model.runtime.path)
+        return detector
 
     def _publish_ready(self) -> None:
         self.metrics.ready.set(1 if self.ready else 0)
@@ -271,7 +326,7 @@ class Repository:
             if await model.runtime.changed(settle_s):
                 log.info("model file %s changed; reloading", model.runtime.path)
                 try:
-                    await model.runtime.load(initial=model.detector is None)
+                    await self.reload(model)
                 except (ArtifactError, GPURequired) as exc:
                     log.error(
                         "reload of %s rejected, still serving the previous model: %s", model.runtime.path, exc

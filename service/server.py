@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         # The metrics live in the app's state from its startup on; a cut before that is not counted.
         state = getattr(app.state, "service", None)
         if state is not None:
-            state.metrics.rejected.labels(reason).inc()
+            state.accounting.cut(reason)
 
     config = uvicorn.Config(
         app,

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * MB, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(16, ge=1)
+    # The largest body (HTTP) or message (gRPC) of one request, whatever it holds: 413 past it.
+    max_request_bytes: int = Field(64 * MB, ge=1024)
+    # Request bytes held by all requests at once, every transport together (service/budget.py):
+    # a request that does not fit waits for room until its deadline, then 503.
+    request_budget_mb: int = Field(256, ge=1)
     score_threshold: float = Field(0.5, ge=0, le=1)
     intra_op_threads: int | None = Field(None, ge=1)  # ONNX Runtime CPU threads (default: its own)
     admin_token: SecretStr | None = None  # bearer token for POST /model/reload
@@ -68,4 +73,10 @@ class Settings(BaseSettings):
     def _one_source(self) -> Settings:
         if self.model_dir and "model_path" in self.model_fields_set:
             raise ValueError("set SSD_MODEL_PATH or SSD_MODEL_DIR, not both")
+        if self.max_request_bytes > self.request_budget_mb * MB:
+            raise ValueError(
+                f"SSD_MAX_REQUEST_BYTES ({self.max_request_bytes}) passes the whole budget of request "
+                f"bytes in flight, SSD_REQUEST_BUDGET_MB ({self.request_budget_mb}): no request that "
+                "large could ever be read"
+            )
         return self

@@ -2,27 +2,32 @@
 it arrives: a body, part or image count over its limit is refused (413) at the byte or part that
 passes it, never after the whole body is in memory.
 
-- A raw body whose ``Content-Type`` is an image type is one image.
+- Any other body is one image, recognised by its bytes whatever its declared type (most HTTP
+  libraries send raw bytes as ``application/octet-stream``), except that a declared text, JSON or
+  form type holding no image is 415: that client sent something else by mistake.
 - ``multipart/form-data``: every part named ``file`` is an image. It is parsed by python-multipart's
   push parser chunk by chunk, as Starlette's own form parser does, but without Starlette's
   spooling of large parts to temporary files and with the image limits applied per part as it
   grows; other fields are read and dropped, within a small budget.
 - Declared sizes (``Content-Length``) over the limit are refused before a byte of the body is read.
+- Every byte read is held against the process-wide budget of request bytes (service/budget.py)
+  until the request ends: a declared length before the body is read, chunks as they come.
 
 A client that goes away mid-body raises Starlette's ``ClientDisconnect`` (answered as 499).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 from fastapi import Request
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
-from starlette.requests import ClientDisconnect
 
+from .budget import Reservation
 from .errors import APIError
+from .formats import accepted_format
+from .settings import Settings
 
 # Text fields beside the files (a client's "name" or "options" field): dropped, but bounded.
 MAX_FIELD_BYTES = 64 * 1024
@@ -39,34 +44,66 @@ class Upload:
 class Limits:
     image_bytes: int
     images: int
+    request_bytes: int
+
+    @classmethod
+    def of(cls, settings: Settings) -> Limits:
+        return cls(settings.max_image_bytes, settings.max_images_per_request, settings.max_request_bytes)
+
+    @property
+    def raw_bytes(self) -> int:
+        """The largest raw body: one image."""
+        return min(self.image_bytes, self.request_bytes)
 
     @property
     def multipart_bytes(self) -> int:
-        """The largest multipart body that can hold ``images`` images of ``image_bytes``: their
-        bytes plus room for part headers, boundaries and a few small fields."""
-        return self.image_bytes * self.images + MAX_FIELD_BYTES + 8 * 1024 * (self.images + MAX_FIELDS)
+        """The largest multipart body: ``images`` images of ``image_bytes``, with room for part
+        headers, boundaries and a few small fields, within the request's own limit."""
+        most = self.image_bytes * self.images + MAX_FIELD_BYTES + 8 * 1024 * (self.images + MAX_FIELDS)
+        return min(most, self.request_bytes)
+
+
+@dataclass(frozen=True)
+class Body:
+    """Where a body's bytes are held against the budget, and until when they may wait for it."""
+
+    reservation: Reservation
+    due: float | None
 
 
 def _too_large(message: str) -> APIError:
     return APIError(413, message, "payload_too_large")
 
 
-def _check_declared(request: Request, limit: int) -> None:
+async def _declared(request: Request, limit: int, held: Body) -> int:
+    """The body's declared length, refused past ``limit`` and taken from the budget (0: not
+    declared, its chunks are taken as they come)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is None or not declared.isdigit():
+        return 0
+    if int(declared) > limit:
         raise _too_large(f"the body has {declared} bytes; the limit is {limit}")
+    await held.reservation.take(int(declared), held.due)
+    return int(declared)
 
 
-async def read_raw(request: Request, limit: int) -> bytes:
-    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
-    _check_declared(request, limit)
-    chunks, size = [], 0
+async def _chunks(request: Request, limit: int, held: Body):  # noqa: ANN202
+    """The body's chunks, 413 once they pass ``limit``, every byte held against the budget."""
+    taken = await _declared(request, limit, held)
+    size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise _too_large(f"the body is over the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if size > taken:
+            await held.reservation.take(size - taken, held.due)
+            taken = size
+        yield chunk
+
+
+async def read_raw(request: Request, limit: int, held: Body) -> bytes:
+    """The whole body, refused with 413 as soon as it passes ``limit`` bytes."""
+    return b"".join([chunk async for chunk in _chunks(request, limit, held)])
 
 
 class _Form:
@@ -155,21 +192,16 @@ class _Form:
         self.finished = True
 
 
-async def read_multipart(request: Request, content_type: str, limits: Limits) -> list[Upload]:
+async def read_multipart(request: Request, content_type: str, limits: Limits, held: Body) -> list[Upload]:
     """The ``file`` parts of a multipart/form-data body, in order."""
-    _check_declared(request, limits.multipart_bytes)
     _, options = parse_options_header(content_type)
     boundary = options.get(b"boundary")
     if not boundary:
         raise APIError(400, "multipart/form-data without a boundary parameter", "bad_request")
     form = _Form(limits)
     parser = MultipartParser(boundary, form.callbacks())  # type: ignore[arg-type]
-    size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limits.multipart_bytes:
-                raise _too_large(f"the body is over the limit of {limits.multipart_bytes} bytes")
+        async for chunk in _chunks(request, limits.multipart_bytes, held):
             parser.write(chunk)
     except MultipartParseError as exc:
         raise APIError(400, f"the multipart body cannot be parsed: {exc}", "bad_request") from exc
@@ -182,35 +214,30 @@ async def read_multipart(request: Request, content_type: str, limits: Limits) ->
     return form.uploads
 
 
-async def discard_body(request: Request, limit: int) -> None:
-    """Read the body and drop it, never kept, up to ``limit`` bytes: for a request refused
-    before its body was read, whose answer closes the connection. A client that sent ``Expect:
-    100-continue`` has not sent its body and will not (it gets the answer instead of the 100);
-    any other is sending it now, and closing the connection under it would reset it before it
-    reads the answer (HTTP clients write the whole body before reading)."""
-    if request.headers.get("expect", "").lower() == "100-continue":
-        return
-    read = 0
-    with contextlib.suppress(ClientDisconnect):
-        async for chunk in request.stream():
-            read += len(chunk)
-            if read > limit:
-                return  # past any limit: the connection closes rather than read on
+# Declared types that say the body is something other than an image: such a body holding no
+# image is 415 (the client sent the wrong thing), not 400 (a broken image).
+NOT_IMAGES = ("text/", "application/json", "application/x-www-form-urlencoded", "application/xml")
 
 
-async def read_uploads(request: Request, limits: Limits) -> list[Upload]:
-    """The request's images: the parts named ``file`` of a multipart body, or a raw image body."""
+def _says_not_image(media: str) -> bool:
+    return media.startswith(NOT_IMAGES) or media.endswith(("+json", "+xml"))
+
+
+async def read_uploads(request: Request, limits: Limits, held: Body) -> list[Upload]:
+    """The request's images: the parts named ``file`` of a multipart body, or the body itself."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";")[0].strip().lower()
     if media == "multipart/form-data":
-        return await read_multipart(request, content_type, limits)
-    if media.startswith("image/"):
-        return [Upload(None, await read_raw(request, limits.image_bytes))]
-    raise APIError(
-        415,
-        f"Content-Type {media or '(none)'} is neither multipart/form-data nor an image type",
-        "unsupported_media_type",
-    )
+        return await read_multipart(request, content_type, limits, held)
+    data = await read_raw(request, limits.raw_bytes, held)
+    if _says_not_image(media) and accepted_format(data) is None:
+        raise APIError(
+            415,
+            f"Content-Type {media} holds no image: send the image's bytes (any type but text, "
+            "JSON or a form) or multipart/form-data with parts named 'file'",
+            "unsupported_media_type",
+        )
+    return [Upload(None, data)]
 
 
 async def until_disconnect(request: Request) -> None:

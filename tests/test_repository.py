@@ -64,9 +64,9 @@ def test_every_model_served_by_name_and_version_with_its_own_metrics(tmp_path, s
                 ("demo", "1", "READY"), ("shapes", "1", "READY"), ("shapes", "2", "READY")
             ]  # fmt: skip
             # The default is the first by name; ?model= picks another.
-            assert (await client.get("/model")).json()["served_as"] == "demo"
+            assert (await client.get("/model")).json()["name"] == "demo"
             shapes = (await client.get("/model", params={"model": "shapes"})).json()
-            assert (shapes["served_as"], shapes["served_version"]) == ("shapes", 2)
+            assert (shapes["name"], shapes["version"]) == ("shapes", "2")
             both = [
                 await client.post("/detect", content=image, headers=JPEG, params={"model": name})
                 for name in ("demo", "shapes")
@@ -95,7 +95,7 @@ def test_default_model_setting_and_the_only_model(tmp_path):
 
     async def go():
         async with serving(repo_settings(tmp_path, default_model="b")) as client:
-            assert (await client.get("/model")).json()["served_as"] == "b"
+            assert (await client.get("/model")).json()["name"] == "b"
 
     run(go())
 

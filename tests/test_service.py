@@ -61,10 +61,18 @@ def scene(width: int = 640, height: int = 480, seed: int = 0) -> Image.Image:
 
 
 def metric(text: str, name: str) -> float:
+    """The sum of the series of ``name`` whose labels include those given with it
+    (``'detector_requests_total{code="413",route="/detect"}'``)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    family, _, labels = name.partition("{")
+    wanted = dict(pair.split("=", 1) for pair in labels.rstrip("}").split(",") if pair)
+    wanted = {k: v.strip('"') for k, v in wanted.items()}
     total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
+    for metric_family in text_string_to_metric_families(text):
+        for sample in metric_family.samples:
+            if sample.name == family and wanted.items() <= sample.labels.items():
+                total += sample.value
     return total
 
 
@@ -531,16 +539,16 @@ def test_reload_is_guarded_and_swaps_without_failures(served_artifact, tmp_path)
             await asyncio.sleep(0.05)
             reloaded = await client.post("/model/reload", headers=token)
             assert reloaded.status_code == 200, reloaded.text
-            assert reloaded.json()["version"] == "v2"
+            assert reloaded.json()["artifact_version"] == "v2"
             codes = [c for batch in await traffic for c in batch]
             assert codes == [200] * 24  # zero failed requests across the swap
             after = (await client.get("/model")).json()
-            assert after["version"] == "v2" and after["sha256"] != before
+            assert after["artifact_version"] == "v2" and after["sha256"] != before
 
             model.write_bytes(b"not an onnx model at all")
             error = assert_error(await client.post("/model/reload", headers=token), 422, "invalid_artifact")
             assert "not a loadable ONNX model" in error["message"]
-            assert (await client.get("/model")).json()["version"] == "v2"  # the old model serves on
+            assert (await client.get("/model")).json()["artifact_version"] == "v2"  # the old model serves on
             assert (
                 await client.post("/detect", content=image, headers={"Content-Type": "image/jpeg"})
             ).status_code == 200
@@ -619,13 +627,13 @@ def test_a_changed_artifact_file_is_picked_up(served_artifact, tmp_path):
         async with serving(settings(model, model_poll_s=0.1)) as client:
             with_version(served_artifact, model, "polled")
             for _ in range(100):
-                if (await client.get("/model")).json()["version"] == "polled":
+                if (await client.get("/model")).json()["artifact_version"] == "polled":
                     break
                 await asyncio.sleep(0.1)
-            assert (await client.get("/model")).json()["version"] == "polled"
+            assert (await client.get("/model")).json()["artifact_version"] == "polled"
             model.write_bytes(b"broken")
             await asyncio.sleep(1.5)
-            assert (await client.get("/model")).json()["version"] == "polled"  # broken file refused
+            assert (await client.get("/model")).json()["artifact_version"] == "polled"  # broken file refused
             assert (await client.get("/readyz")).status_code == 200
 
     run(go())

@@ -11,12 +11,21 @@ from collections.abc import Iterable
 import pytest
 from starlette.requests import ClientDisconnect, Request
 
+from service.budget import RequestBudget
 from service.decoding import DecodeBudget
 from service.errors import APIError
-from service.uploads import MAX_FIELDS, Limits, read_uploads
+from service.uploads import MAX_FIELDS, Body, Limits, read_uploads
 
 BOUNDARY = "xYzZy"
-LIMITS = Limits(image_bytes=1000, images=3)
+LIMITS = Limits(image_bytes=1000, images=3, request_bytes=1 << 20)
+
+
+async def read_uploads_held(request, limits: Limits = LIMITS, budget: int = 1 << 20):
+    """read_uploads with a budget of its own, checked to hold every byte it read."""
+    held = RequestBudget(budget).reservation()
+    uploads = await read_uploads(request, limits, Body(held, None))
+    assert held.held >= sum(len(u.data) for u in uploads)
+    return uploads
 
 
 def part(name: str, data: bytes, filename: str | None = "a.jpg") -> bytes:
@@ -60,14 +69,14 @@ def request(stream: Stream, content_type: str, length: int | None = None) -> Req
 def read(data: bytes | list[bytes], content_type: str = f"multipart/form-data; boundary={BOUNDARY}", **kw):
     chunks = [data[i : i + 64] for i in range(0, len(data), 64)] if isinstance(data, bytes) else data
     stream = Stream(chunks, kw.pop("disconnect", False))
-    return stream, asyncio.run(read_uploads(request(stream, content_type, kw.pop("length", None)), LIMITS))
+    return stream, asyncio.run(read_uploads_held(request(stream, content_type, kw.pop("length", None))))
 
 
 def refused(data: bytes, status: int, code: str, **kw) -> tuple[Stream, APIError]:
     stream = Stream([data[i : i + 64] for i in range(0, len(data), 64)], kw.pop("disconnect", False))
     content_type = kw.pop("content_type", f"multipart/form-data; boundary={BOUNDARY}")
     with pytest.raises(APIError) as caught:
-        asyncio.run(read_uploads(request(stream, content_type, kw.pop("length", None)), LIMITS))
+        asyncio.run(read_uploads_held(request(stream, content_type, kw.pop("length", None))))
     assert (caught.value.status, caught.value.code) == (status, code), caught.value.message
     return stream, caught.value
 

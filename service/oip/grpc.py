@@ -3,10 +3,20 @@ in the app's own event loop (grpc.aio), sharing its repository, batchers, decode
 
 The service's messages are generated from the protocol's official ``.proto`` (service/oip/proto,
 ``make proto``). ``tritonclient.grpc`` speaks Triton's superset of it: the six methods here have
-the same names and messages. A request's deadline is the earlier of the gRPC deadline and its
-``timeout_ms`` (or Triton's ``timeout``) parameter; a client that cancels, or whose deadline
-passes, stops the request's work as a closed HTTP connection does. The receive limit is the
-REST body limit (gRPC's own default is 4 MB, one photo).
+the same names and messages. Like the REST routes, this is a transport adapter: ``ModelInfer``
+parses its message into the request's ``Call`` (service/pipeline.py) and renders the answer;
+admission, deadlines, budgets, metrics and errors are the core's. A request's deadline is the
+earlier of the gRPC deadline and its ``timeout_ms`` (or Triton's ``timeout``) parameter; a client
+that cancels, or whose deadline passes, stops the request's work as a closed HTTP connection does.
+
+Memory: grpc.aio reads a unary call's whole message before its handler runs. ``ModelInfer`` is
+therefore served as a client-streaming method (the same bytes on the wire, so every unary client
+works unmodified): its handler runs first, takes ``SSD_MAX_REQUEST_BYTES`` from the process-wide
+budget of request bytes (service/budget.py; waiting for room up to the request's longest
+deadline), then reads the message and gives back what it did not use. Messages are at most
+``SSD_MAX_REQUEST_BYTES`` (``grpc.max_receive_message_length``; RESOURCE_EXHAUSTED past it) and
+at most ``MAX_CONCURRENT_RPCS`` calls run at once, so the bytes gRPC holds are the budget plus
+each waiting call's HTTP/2 flow-control window.
 """
 
 from __future__ import annotations
@@ -14,16 +24,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 import numpy as np
 
-from ..errors import APIError
-from ..inference import ready_model
-from ..state import State, served
+from ..accounting import NO_MODEL, Outcome
+from ..decoding import TRIM_ABOVE
+from ..errors import APIError, client_gone
+from ..memory import release_free_memory
+from ..pipeline import Call
+from ..repository import ModelNotFound
+from ..state import State
 from .proto import open_inference_grpc_pb2 as pb
 from .proto import open_inference_grpc_pb2_grpc as pb_grpc
 from .protocol import (
@@ -38,9 +53,17 @@ from .protocol import (
     run,
     server_metadata,
 )
-from .rest import EXTENSIONS, body_limit
+from .rest import EXTENSIONS
+
+# Calls served at once (gRPC refuses more with RESOURCE_EXHAUSTED): above any burst the batcher
+# admits (SSD_MAX_QUEUE_SIZE images), so that admission, not this, refuses.
+MAX_CONCURRENT_RPCS = 1024
+# Framing beyond a request's own bytes: the message's fields, names, shapes and parameters.
+MESSAGE_OVERHEAD = 64 * 1024
 
 log = logging.getLogger(__name__)
+
+SERVICE = "inference.GRPCInferenceService"
 
 CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -77,6 +100,13 @@ def _parameters(fields: Any) -> dict[str, Any]:
     return out
 
 
+def _served(state: State, name: str, version: str) -> Any:
+    try:
+        return state.repository.get(name, version or None)
+    except ModelNotFound as exc:
+        raise APIError(404, str(exc), "model_not_found") from None
+
+
 def _tensors(request: pb.ModelInferRequest) -> list[Tensor]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
@@ -101,21 +131,27 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         self.state = state
 
     async def _call(
-        self, method: str, context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[Any]]
+        self,
+        method: str,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[], Awaitable[Any]],
+        call: Call | None = None,
     ) -> Any:
-        """Run one call: its errors as gRPC codes, counted under ``route`` = the method name."""
-        metrics = self.state.metrics
+        """Run one call: its errors as gRPC codes, accounted under ``route`` = the method name."""
+        state = self.state
         started = time.perf_counter()
         status = 200
-        metrics.in_flight.inc()
+        error: APIError | None = None
+        state.metrics.in_flight.inc()
         try:
             return await work()
         except APIError as exc:
+            error = call.fail(exc) if call is not None else exc
             status = exc.status
             await context.abort(CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
         except asyncio.CancelledError:
             status = 499  # the client cancelled, or its deadline passed
-            metrics.rejected.labels("disconnected").inc()
+            error = call.fail(client_gone()) if call is not None else None
             raise
         except grpc.aio.AbortError:
             raise
@@ -124,9 +160,14 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             log.exception("unhandled error in %s", method)
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
         finally:
-            metrics.in_flight.dec()
-            metrics.requests.labels(method, str(status)).inc()
-            metrics.request_duration.labels(method).observe(time.perf_counter() - started)
+            state.metrics.in_flight.dec()
+            model = NO_MODEL
+            if call is not None:
+                call.close()
+                model = call.model.name if call.model is not None else NO_MODEL
+                error = call.error
+            outcome = Outcome("GRPC", method, method, status, time.perf_counter() - started, model, error)
+            state.accounting.record(outcome, log_line=method == "ModelInfer")
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
@@ -142,9 +183,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            return pb.ModelReadyResponse(
-                ready=served(self.state, request.name, request.version or None).ready
-            )
+            return pb.ModelReadyResponse(ready=_served(self.state, request.name, request.version).ready)
 
         return await self._call("ModelReady", context, work)
 
@@ -158,7 +197,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            meta = model_metadata(self.state, served(self.state, request.name, request.version or None))
+            meta = model_metadata(self.state, _served(self.state, request.name, request.version))
             tensor = pb.ModelMetadataResponse.TensorMetadata
             return pb.ModelMetadataResponse(
                 name=meta["name"],
@@ -174,22 +213,22 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("ModelMetadata", context, work)
 
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext) -> Any:
-        arrival = time.monotonic()
+    async def ModelInfer(self, messages: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        """A unary call, served as client-streaming so that its message is read here, within
+        the budget (the module docstring)."""
+        call = Call(self.state, "ModelInfer")
+        remaining = context.time_remaining()
+        transport_due = call.arrival + remaining if remaining is not None else None
 
         async def work() -> Any:
-            model = served(self.state, request.model_name, request.model_version or None)
-            ready_model(model)
+            request = await self._read(call, messages, transport_due)
+            call.resolve(request.model_name, request.model_version or None)
             parameters = _parameters(request.parameters)
-            remaining = context.time_remaining()
-            if remaining is not None:  # the gRPC deadline, as Triton's timeout parameter (µs)
-                given = parameters.get("timeout")
-                micros = remaining * 1e6
-                parameters["timeout"] = (
-                    min(given, micros) if isinstance(given, int | float) and given else micros
-                )
             names = check_outputs([o.name for o in request.outputs])
-            outputs = await run(self.state, model, _tensors(request), parameters, arrival)
+            async with call.door(min(call.longest_due(), transport_due or math.inf)):
+                outputs = await run(call, _tensors(request), parameters, transport_due=transport_due)
+            model = call.model
+            assert model is not None
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
@@ -201,31 +240,68 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
             return response
 
-        return await self._call("ModelInfer", context, work)
+        return await self._call("ModelInfer", context, work, call)
+
+    async def _read(
+        self, call: Call, messages: AsyncIterator[Any], transport_due: float | None
+    ) -> pb.ModelInferRequest:
+        """The call's one message, read within the budget of request bytes by its longest
+        deadline (a message not in by then could not be answered in time anyway)."""
+        due = min(call.longest_due(), transport_due or math.inf)
+        call.bytes = self.state.budget.reservation()
+        await call.bytes.take(message_limit(self.state.settings), due)
+        try:
+            async with asyncio.timeout_at(due):
+                size, request = await anext(aiter(messages))
+        except StopAsyncIteration:
+            raise bad("ModelInfer needs one ModelInferRequest message") from None
+        except TimeoutError:
+            raise APIError(504, "the request's message did not arrive before its deadline",
+                           "deadline_exceeded") from None  # fmt: skip
+        call.bytes.shrink(size)
+        if size > TRIM_ABOVE:
+            release_free_memory()  # gRPC's own copy of a large message is freed: hand it back
+        return request
 
 
-def receive_limit(state: State) -> int:
-    """The REST body limit for the largest model's pixels (and never below gRPC's 4 MB)."""
-    pixels = max(
-        (
-            m.detector.info.input_size[0] * m.detector.info.input_size[1] * 3
-            for m in state.repository.models()
-            if m.detector
-        ),
-        default=512 * 512 * 3,
+def message_limit(settings: Any) -> int:
+    """The largest ModelInfer message: a request's bytes and the message's framing."""
+    return settings.max_request_bytes + MESSAGE_OVERHEAD
+
+
+def _handlers(servicer: Servicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The generated handlers (service/oip/proto), with ModelInfer served as client-streaming
+    and its message's size kept beside it."""
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    class Collect:
+        def add_generic_rpc_handlers(self, generic: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, methods: dict) -> None:
+            handlers.update(methods)
+
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Collect())
+    handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=lambda raw: (len(raw), pb.ModelInferRequest.FromString(raw)),
+        response_serializer=pb.ModelInferResponse.SerializeToString,
     )
-    return max(4 * 1024 * 1024, body_limit(state, pixels))
+    return handlers
 
 
 async def start(state: State, host: str, port: int) -> grpc.aio.Server:
     """The gRPC server on ``host:port``, started."""
     server = grpc.aio.server(
         options=[
-            ("grpc.max_receive_message_length", receive_limit(state)),
+            ("grpc.max_receive_message_length", message_limit(state.settings)),
             ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ]
+        ],
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), server)
+    handlers = _handlers(Servicer(state))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"gRPC cannot listen on {address}")

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import APIError
-from ..inference import Query, answered, deadline, infer, ready_model
+from ..pipeline import Call, Query
 from ..repository import ServedModel
 from ..state import State
 
@@ -121,7 +121,9 @@ def server_metadata(extensions: Sequence[str]) -> dict[str, Any]:
 def model_metadata(state: State, model: ServedModel) -> dict[str, Any]:
     """Name, versions, platform, the inputs and outputs, and the artifact's facts (class names
     first) as parameters."""
-    info = ready_model(model)
+    if model.detector is None:
+        raise APIError(503, f"model {model.name} is not loaded yet", "not_ready", {"Retry-After": "5"})
+    info = model.detector.info
     height, width = info.input_size
     versions = [str(m.version) for m in state.repository.models() if m.name == model.name]
     return {
@@ -140,8 +142,8 @@ def model_metadata(state: State, model: ServedModel) -> dict[str, Any]:
         ],
         "parameters": {
             "classes": list(info.classes),
-            "model": info.name,
-            "version": info.version,
+            "architecture": info.name,
+            "artifact_version": info.version,
             "sha256": info.sha256,
             "input_size": [height, width],
             "max_detections": info.max_detections,
@@ -194,10 +196,11 @@ class Asked:
         return cls(number("score_threshold"), limit, classes, timeout_ms)
 
 
-def _images(state: State, model: ServedModel, tensor: Tensor) -> list[bytes] | np.ndarray:
+def _images(call: Call, tensor: Tensor) -> list[bytes] | np.ndarray:
     """The input's images, checked: encoded (``images``) or pixels (``pixels``)."""
-    info = ready_model(model)
-    limit = state.settings.max_images_per_request
+    info = call.info
+    settings = call.state.settings
+    limit = settings.max_images_per_request
     if tensor.name == "images":
         if tensor.datatype != "BYTES":
             raise bad(f"input 'images' is BYTES (encoded images), not {tensor.datatype}")
@@ -211,10 +214,10 @@ def _images(state: State, model: ServedModel, tensor: Tensor) -> list[bytes] | n
         if len(images) > limit:
             raise APIError(413, f"{len(images)} images; at most {limit} per request", "too_many_images")
         for index, data in enumerate(images):
-            if len(data) > state.settings.max_image_bytes:
+            if len(data) > settings.max_image_bytes:
                 raise APIError(
                     413,
-                    f"images[{index}] has {len(data)} bytes; the limit is {state.settings.max_image_bytes}",
+                    f"images[{index}] has {len(data)} bytes; the limit is {settings.max_image_bytes}",
                     "payload_too_large",
                 )
         return images
@@ -249,27 +252,27 @@ def check_outputs(requested: Sequence[str] | None) -> list[str]:
 
 
 async def run(
-    state: State,
-    model: ServedModel,
+    call: Call,
     inputs: Sequence[Tensor],
     parameters: Mapping[str, Any],
-    arrival: float | None,
     gone: Callable[[], Awaitable[None]] | None = None,
+    transport_due: float | None = None,
 ) -> dict[str, np.ndarray]:
-    """One inference request: every output, by name. Raises APIError (HTTP statuses)."""
-    info = ready_model(model)
+    """One inference request of a resolved ``call``: every output, by name. ``transport_due``:
+    the transport's own deadline (gRPC's), if any. Raises APIError (HTTP statuses)."""
+    info = call.info
+    settings = call.state.settings
     if len(inputs) != 1:
         names = [t.name for t in inputs]
         raise bad(f"one input is needed, 'images' or 'pixels'; got {names}")
-    asked = Asked.parse(parameters, state.settings.request_timeout_s * 1000)
+    asked = Asked.parse(parameters, settings.request_timeout_s * 1000)
     query = Query.parse(
-        info, state.settings.score_threshold, asked.score_threshold, asked.max_detections, asked.classes
+        info, settings.score_threshold, asked.score_threshold, asked.max_detections, asked.classes
     )
-    due = deadline(state, arrival, asked.timeout_ms)
-    images = _images(state, model, inputs[0])
+    call.set_deadline(asked.timeout_ms, transport_due)
+    images = _images(call, inputs[0])
     names = None if isinstance(images, np.ndarray) else [f"images[{i}]" for i in range(len(images))]
-    timeout_s = asked.timeout_ms / 1000 if asked.timeout_ms else state.settings.request_timeout_s
-    found = await infer(state, model, images, due, gone, names, timeout_s)
+    found = await call.run(images, names, gone)
     count = len(found)
     k = query.limit
     boxes = np.zeros((count, k, 4), np.float32)
@@ -280,5 +283,5 @@ async def run(
         b, s, c = image.arrays(query)
         n = len(s)
         boxes[row, :n], scores[row, :n], labels[row, :n], kept[row] = b, s, c, n
-    answered(model, kept.tolist())
+    call.answered(kept.tolist())
     return {"num_detections": kept, "boxes": boxes, "scores": scores, "labels": labels}

@@ -24,20 +24,20 @@ import base64
 import binascii
 import gzip
 import json
-import time
+import re
 import zlib
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
-from starlette.requests import ClientDisconnect
+from starlette.types import Scope
 
-from ..batcher import Refused, ShuttingDown
+from ..dependencies import CallDep, StateDep, served
+from ..door import Head
 from ..errors import APIError
-from ..inference import door, ready_model, refusal
-from ..state import State, StateDep, served
-from ..uploads import discard_body, read_raw, until_disconnect
+from ..settings import Settings
+from ..uploads import Body, read_raw, until_disconnect
 from .protocol import (
     DATATYPES,
     OUTPUT_TYPES,
@@ -59,22 +59,37 @@ router = APIRouter(prefix="/v2")
 Name = Annotated[str, Path(max_length=128)]
 
 
-def body_limit(state: State, pixels: int) -> int:
+INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
+ROUTES = ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+
+
+def head(scope: Scope) -> Head | None:
+    """The door's reading of an inference request (None for other paths): the model and version
+    from the path; its ``timeout_ms`` travels in the body, so the door keeps the longest."""
+    found = INFER.match(scope["path"])
+    if found is None:
+        return None
+    name, version = found.groups()
+    return Head(ROUTES[version is not None], name, version)
+
+
+def body_limit(settings: Settings, pixels: int) -> int:
     """The largest request: the JSON part, and the larger of the encoded images' and the
-    pixels' binary data (``pixels``: bytes of one image at the model's input size)."""
-    s = state.settings
-    images = s.max_images_per_request
-    return JSON_LIMIT + max(images * (s.max_image_bytes + 4), images * pixels)
+    pixels' binary data (``pixels``: bytes of one image at the model's input size), within the
+    request's own limit (SSD_MAX_REQUEST_BYTES)."""
+    images = settings.max_images_per_request
+    most = JSON_LIMIT + max(images * (settings.max_image_bytes + 4), images * pixels)
+    return min(most, settings.max_request_bytes)
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _body(request: Request, limit: int, held: Body) -> bytes:
     """The body, inflated if it says so, never past ``limit`` bytes either way."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("", "identity"):
-        return await read_raw(request, limit)
+        return await read_raw(request, limit, held)
     if encoding not in ("gzip", "deflate"):
         raise APIError(415, f"Content-Encoding {encoding!r}: gzip, deflate or none", "unsupported_media_type")
-    raw = await read_raw(request, limit)
+    raw = await read_raw(request, limit, held)
     inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
     try:
         data = inflater.decompress(raw, limit + 1)
@@ -82,6 +97,7 @@ async def _body(request: Request, limit: int) -> bytes:
         raise bad(f"the {encoding} body is corrupt: {exc}") from None
     if len(data) > limit or inflater.unconsumed_tail:
         raise APIError(413, f"the body inflates past the limit of {limit} bytes", "payload_too_large")
+    await held.reservation.take(len(data), held.due)  # the inflated copy is held too
     return data
 
 
@@ -278,22 +294,12 @@ async def repository_index(state: StateDep) -> list[dict[str, Any]]:
 
 @router.post("/models/{name}/infer")
 @router.post("/models/{name}/versions/{version}/infer")
-async def infer(request: Request, state: StateDep, name: Name, version: str | None = None) -> Response:
-    model = served(state, name, version)
-    info = ready_model(model)
-    arrival = getattr(request.state, "arrival", None) or time.monotonic()
-    height, width = info.input_size
-    limit = body_limit(state, height * width * 3)
-    try:  # at the door, with the longest deadline: the request's own is inside the body
-        door(state, model, arrival + state.settings.request_timeout_s)
-    except (Refused, ShuttingDown) as exc:
-        await discard_body(request, limit)
-        raise refusal(state, exc) from exc
-    try:
-        body = await _body(request, limit)
-    except ClientDisconnect:
-        state.metrics.rejected.labels("disconnected").inc()
-        raise
+async def infer(request: Request, call: CallDep, name: Name, version: str | None = None) -> Response:
+    call.resolve(name, version)
+    height, width = call.info.input_size
+    limit = body_limit(call.state.settings, height * width * 3)
+    call.bytes = call.bytes or call.state.budget.reservation()
+    body = await _body(request, limit, Body(call.bytes, call.longest_due()))
     header, binary = _parse_header(body, request.headers.get(HEADER_LENGTH))
     parameters = header.get("parameters") or {}
     if not isinstance(parameters, dict):
@@ -301,11 +307,13 @@ async def infer(request: Request, state: StateDep, name: Name, version: str | No
     wanted = _wanted(header, parameters)
     inputs = _inputs(header, binary)
     del body, binary
-    outputs = await run(state, model, inputs, parameters, arrival, lambda: until_disconnect(request))
-    content, head = _response(model.name, model.version, header.get("id"), outputs, wanted)
+    outputs = await run(call, inputs, parameters, lambda: until_disconnect(request))
+    model = call.model
+    assert model is not None
+    content, head_length = _response(model.name, model.version, header.get("id"), outputs, wanted)
     headers: dict[str, str] = {}
-    if head is not None:
-        headers["Inference-Header-Content-Length"] = str(head)
+    if head_length is not None:
+        headers["Inference-Header-Content-Length"] = str(head_length)
     content = _compressed(request, content, headers)
-    media = "application/octet-stream" if head is not None else "application/json"
+    media = "application/octet-stream" if head_length is not None else "application/json"
     return Response(content, media_type=media, headers=headers)

@@ -1,0 +1,75 @@
+"""The HTTP routes' dependencies: the app's state, the request's ``Call`` (service/pipeline.py),
+the model query parameters, and the refusal of unknown query parameters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Query, Request
+
+from .errors import APIError
+from .pipeline import Call
+from .repository import ModelNotFound, ServedModel
+from .state import State
+
+
+# async: FastAPI runs a plain ``def`` dependency in a worker thread, a thread hop per request,
+# and under a storm of requests a wait for one of anyio's 40 thread tokens (seen in py-spy).
+async def get_state(request: Request) -> State:
+    return request.app.state.service
+
+
+StateDep = Annotated[State, Depends(get_state)]
+
+
+async def get_call(request: Request) -> Call:
+    """The inference request the door opened (service/door.py), or a new one where no door
+    stood (an app mounted under another)."""
+    state = request.scope.setdefault("state", {})
+    call = state.get("call")
+    if call is None:
+        route = getattr(request.scope.get("route"), "path", request.url.path)
+        call = state["call"] = Call(request.app.state.service, route)
+    return call
+
+
+CallDep = Annotated[Call, Depends(get_call)]
+
+ModelQuery = Annotated[
+    str | None, Query(max_length=128, description="a model of the repository (default: the default model)")
+]
+VersionQuery = Annotated[
+    str | None, Query(max_length=20, description="a version of that model (default: its highest)")
+]
+
+
+def served(state: State, name: str | None, version: int | str | None = None) -> ServedModel:
+    """The model a request names (or the default): 404 for a name or version not served."""
+    try:
+        return state.repository.get(name, version)
+    except ModelNotFound as exc:
+        raise APIError(404, str(exc), "model_not_found") from None
+
+
+async def known_query(request: Request) -> None:
+    """422 for a query parameter the route does not take: a typo (``threshold`` for
+    ``score_threshold``) must not be answered as if it were not there."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = {p.alias for p in _query_params(dependant)}
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise APIError(
+            422,
+            f"unknown query parameters {unknown}; this route takes {sorted(known) or 'none'}",
+            "invalid_parameters",
+        )
+
+
+def _query_params(dependant: object) -> list:
+    params = list(getattr(dependant, "query_params", []))
+    for sub in getattr(dependant, "dependencies", []):
+        params += _query_params(sub)
+    return params

@@ -1,0 +1,333 @@
+"""One inference request through the core, whatever carried it (``POST /detect``, the OIP over
+REST or over gRPC). Each transport only parses its wire format into a ``Call`` and renders the
+answer; every guarantee lives here, once:
+
+============  ============================================================================
+stage         what it owns
+============  ============================================================================
+arrival       ``Call(state, route, arrival)``: the route template and the monotonic time the
+              request's head was read (deadlines count from it)
+model         ``Call.resolve(name, version)``: the one lookup (404 ``model_not_found``, 503
+              ``not_ready``); the answer's ``identity``
+door          ``Call.door(due)``: before the body is read (HTTP) or parsed (gRPC), one image's
+              place held in the model's batcher, or 503 ``overloaded``/``queue_full``
+request bytes ``Call.bytes``: the process-wide budget of request bytes in flight
+              (service/budget.py), 503 ``request_budget`` past it
+deadline      ``Call.set_deadline(timeout_ms, transport_due)``: once, from the arrival (422
+              past ``SSD_REQUEST_TIMEOUT_S``)
+run           ``Call.run(images, ...)``: the whole count admitted in place of the door's, the
+              images decoded within the decode budget, batched, each step re-checking the
+              deadline (504) and the client (499)
+errors        ``APIError`` with the contract's HTTP status and a code; ``Call.fail`` records
+              the one that answered, which the accounting (service/accounting.py) counts
+              once in ``detector_rejected_requests_total{reason}``
+============  ============================================================================
+
+A request's deadline is its arrival plus ``timeout_ms`` (default ``SSD_REQUEST_TIMEOUT_S``),
+or the transport's own deadline (gRPC's) where that is earlier. At the door it is the longest a
+request may have when the request's own deadline is not known yet (OIP requests carry it in
+their body). Work that cannot be answered in time is never done: decoding not started is not
+started, images queued are dropped before inference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .artifact import Detections, ModelInfo
+from .batcher import DeadlineExceeded, QueueFull, Refused, ShuttingDown, Ticket
+from .budget import Reservation
+from .errors import APIError, ClientGone
+from .images import ImageError
+from .repository import ModelNotFound, ServedModel
+from .state import State
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a request asks of the detections: ``threshold``, at most ``limit``, classes ``keep``."""
+
+    threshold: float
+    limit: int
+    keep: set[int] | None
+
+    @classmethod
+    def parse(
+        cls,
+        info: ModelInfo,
+        default_threshold: float,
+        score_threshold: float | None = None,
+        max_detections: int | None = None,
+        classes: Sequence[str] | None = None,
+    ) -> Query:
+        """Checked against the model: 422 naming the parameter."""
+        if max_detections is not None and not 1 <= max_detections <= info.max_detections:
+            raise APIError(
+                422, f"max_detections: 1 to {info.max_detections} for this model", "invalid_parameters"
+            )
+        if score_threshold is not None and not 0.0 <= score_threshold <= 1.0:
+            raise APIError(422, "score_threshold: from the model's floor to 1", "invalid_parameters")
+        try:  # a default below the artifact's floor is raised to it (and warned about at load)
+            threshold = info.threshold(score_threshold, default_threshold)
+        except ValueError as exc:
+            raise APIError(422, str(exc), "invalid_parameters") from None
+        keep = None
+        if classes is not None:
+            names = [c.strip() for c in classes if c.strip()]
+            unknown = [n for n in names if n not in info.classes]
+            if unknown or not names:
+                raise APIError(
+                    422,
+                    f"classes: unknown names {unknown}; the model has {info.classes}",
+                    "invalid_parameters",
+                )
+            keep = {info.classes.index(n) for n in names}
+        return cls(threshold, max_detections or info.max_detections, keep)
+
+
+@dataclass(frozen=True)
+class Found:
+    """One image's answer: the size its boxes are in, and what the model found."""
+
+    width: int
+    height: int
+    detections: Detections
+
+    def json(self, query: Query) -> list[dict]:
+        """The contract's detection objects, as ``query`` asks."""
+        return self.detections.to_json(self.width, self.height, query.threshold, query.limit, query.keep)
+
+    def arrays(self, query: Query) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The same detections as arrays: boxes float32 [n, 4] in pixels, scores, labels int64."""
+        return self.detections.select(self.width, self.height, query.threshold, query.limit, query.keep)
+
+
+def refusal(exc: Exception) -> APIError:
+    """The 503 or 504 for a request the batcher refused or dropped."""
+    if isinstance(exc, Refused):
+        code = "queue_full" if isinstance(exc, QueueFull) else "overloaded"
+        # The connection is closed: a client that retries at once (not honouring Retry-After)
+        # must reconnect first, and pays for it. 64 clients retrying each 503 at once with
+        # timeout_ms=300 got 57 images/s answered so, against 6 on kept-alive connections, where
+        # their refusals took the whole event loop (docs/benchmarks.md, Scheduling).
+        headers = {"Retry-After": str(exc.retry_after), "Connection": "close"}
+        return APIError(503, f"{exc}; retry in about {exc.retry_after} s", code, headers)
+    if isinstance(exc, ShuttingDown):
+        return APIError(503, str(exc), "shutting_down", {"Retry-After": "5"})
+    return APIError(504, str(exc), "deadline_exceeded", reason="deadline")
+
+
+@dataclass
+class Call:
+    """One inference request in the core. Built by its transport at arrival; every stage of the
+    module docstring is a method, each done once."""
+
+    state: State
+    route: str  # the route's template, or the gRPC method: the metrics' and the log's label
+    arrival: float = field(default_factory=time.monotonic)
+    model: ServedModel | None = None
+    due: float | None = None
+    timeout_s: float | None = None  # the deadline's length, for the 504's message
+    held: Ticket | None = None  # the door's place, until ``run`` admits the whole count
+    error: APIError | None = None  # the error that answered it, recorded once (``fail``)
+    bytes: Reservation | None = None  # request bytes held against the process-wide budget
+    _lookup: APIError | None = None
+
+    # --- model ---------------------------------------------------------------------------------
+
+    def resolve(self, name: str | None, version: int | str | None = None) -> ServedModel:
+        """The model asked for (default: the default model), looked up once: 404 for a name or
+        version not served, 503 while it is not loaded."""
+        if self.model is not None:
+            return self.model
+        if self._lookup is not None:
+            raise self._lookup
+        try:
+            model = self.state.repository.get(name, version)
+        except ModelNotFound as exc:
+            self._lookup = APIError(404, str(exc), "model_not_found")
+            raise self._lookup from None
+        if model.detector is None:
+            self._lookup = APIError(
+                503, f"model {model.name} is not loaded yet", "not_ready", {"Retry-After": "5"}
+            )
+            raise self._lookup
+        self.model = model
+        return model
+
+    @property
+    def info(self) -> ModelInfo:
+        """The resolved model's metadata (its artifact as loaded now)."""
+        assert self.model is not None and self.model.detector is not None, "resolve() first"
+        return self.model.detector.info
+
+    # --- deadline ------------------------------------------------------------------------------
+
+    def longest_due(self) -> float:
+        """The latest deadline any request may have (its arrival plus SSD_REQUEST_TIMEOUT_S)."""
+        return self.arrival + self.state.settings.request_timeout_s
+
+    def set_deadline(self, timeout_ms: float | None, transport_due: float | None = None) -> float:
+        """The request's deadline, set once: its arrival plus ``timeout_ms``, which may shorten
+        ``SSD_REQUEST_TIMEOUT_S`` but not pass it (422), or the transport's own deadline
+        (``transport_due``, gRPC's) where that is earlier."""
+        if self.due is not None:
+            return self.due
+        limit = self.state.settings.request_timeout_s
+        if timeout_ms is not None and not 0 < timeout_ms <= limit * 1000:
+            raise APIError(
+                422,
+                f"timeout_ms: more than 0 and at most {limit * 1000:g} (SSD_REQUEST_TIMEOUT_S)",
+                "invalid_parameters",
+            )
+        due = self.arrival + (timeout_ms / 1000 if timeout_ms is not None else limit)
+        if transport_due is not None and transport_due < due:
+            due = transport_due
+        self.due, self.timeout_s = due, due - self.arrival
+        return due
+
+    # --- door ----------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def door(self, due: float | None = None) -> AsyncIterator[None]:
+        """Hold one image's place in the model's batcher until ``run`` admits the whole count,
+        or the block ends: refused (503) when one image could not finish by ``due`` (default:
+        the request's deadline, else the longest)."""
+        model = self.model
+        assert model is not None, "resolve() first"
+        due = due or self.due or self.longest_due()
+        try:
+            async with model.batcher.hold(due, self.state.decoder.typical_seconds) as ticket:
+                self.held = ticket
+                yield
+        except (Refused, ShuttingDown) as exc:
+            if self.held is not None:
+                raise  # refused later, inside the block: the block's own error
+            raise refusal(exc) from exc
+
+    # --- run -----------------------------------------------------------------------------------
+
+    async def run(
+        self,
+        images: Sequence[bytes] | np.ndarray,
+        names: Sequence[str | None] | None = None,
+        gone: Callable[[], Awaitable[Any]] | None = None,
+    ) -> list[Found]:
+        """Detections for encoded ``images`` (or pixels uint8 [B, H, W, 3] at the model's input
+        size) by the deadline; ``gone`` returns when the client goes away. Raises APIError
+        (4xx, 503, 504) or ClientGone."""
+        info = self.info
+        due = self.set_deadline(None)
+        names = names if names is not None else [None] * len(images)
+        work = asyncio.ensure_future(self._run(images, names, info.input_size, due))
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        try:
+            await asyncio.wait(
+                {work} | ({watcher} if watcher else set()),
+                timeout=max(0.0, due - time.monotonic()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        except BaseException:  # this request was cancelled (a gRPC call its client cancelled)
+            work.cancel()
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if not work.done():
+            work.cancel()  # decoding not started never starts; queued images are dropped
+            with contextlib.suppress(BaseException):
+                await work
+            if watcher is not None and watcher.done() and not watcher.cancelled():
+                raise ClientGone()
+            raise APIError(
+                504,
+                f"no answer within the request's deadline ({(self.timeout_s or 0) * 1000:g} ms)",
+                "deadline_exceeded",
+                reason="deadline",
+            )
+        try:
+            return work.result()
+        except (Refused, ShuttingDown, DeadlineExceeded) as exc:
+            raise refusal(exc) from exc
+
+    async def _pixels(
+        self, images: Sequence[bytes], names: Sequence[str | None], input_size: tuple[int, int]
+    ) -> list[tuple[int, int, np.ndarray]]:
+        """Every image decoded (in the decode threads, within the budget); the first bad image,
+        in the request's order, is the answer (4xx naming it)."""
+        decoder = self.state.decoder
+        outcomes = await asyncio.gather(
+            *(decoder.decode(data, input_size) for data in images), return_exceptions=True
+        )
+        for name, outcome in zip(names, outcomes, strict=True):
+            if isinstance(outcome, ImageError):
+                raise APIError(outcome.status, (f"{name}: " if name else "") + str(outcome), outcome.code)
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [(d.width, d.height, d.pixels) for d in outcomes]  # type: ignore[union-attr]
+
+    async def _run(
+        self,
+        images: Sequence[bytes] | np.ndarray,
+        names: Sequence[str | None],
+        input_size: tuple[int, int],
+        due: float,
+    ) -> list[Found]:
+        model = self.model
+        assert model is not None
+        decoder = self.state.decoder
+        held, self.held = self.held, None
+        async with model.batcher.admit(len(images), due, decoder.typical_seconds, held) as ticket:
+            try:
+                if isinstance(images, np.ndarray):  # pixels at the model's input size
+                    height, width = input_size
+                    decoded = [(width, height, pixels) for pixels in images]
+                else:
+                    decoded = await self._pixels(images, names, input_size)
+            except (asyncio.CancelledError, DeadlineExceeded):
+                ticket.abandoned()
+                raise
+            futures = ticket.submit([pixels for _, _, pixels in decoded])
+        try:
+            found = list(await asyncio.gather(*futures))
+            ticket.done()
+        except BaseException:
+            for f in futures:
+                f.cancel()  # the batcher drops cancelled images before inference
+            ticket.abandoned()
+            raise
+        return [Found(w, h, d) for (w, h, _), d in zip(decoded, found, strict=True)]
+
+    # --- answer --------------------------------------------------------------------------------
+
+    def answered(self, counts: Sequence[int]) -> None:
+        """Count the detections returned per image (after the query's filters)."""
+        assert self.model is not None
+        for count in counts:
+            self.model.batcher.metrics.detections.observe(count)
+
+    def identity(self, found: Sequence[Found] = ()) -> dict[str, str]:
+        """Which model answered: its served name and repository version, and the artifact that
+        ran (after a hot reload, the new one: the detections say which)."""
+        assert self.model is not None
+        info = found[-1].detections.model if found else self.info
+        return self.model.identity(info)
+
+    def fail(self, error: APIError) -> APIError:
+        """Record the error that answers this request (the first one: a later one is a
+        consequence), for the accounting."""
+        if self.error is None:
+            self.error = error
+        return error
+
+    def close(self) -> None:
+        """The request is over: its bytes go back to the budget."""
+        if self.bytes is not None:
+            self.bytes.release()
