@@ -93,7 +93,7 @@ class Door:
         ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content, "more_body": False})
-        model = call.model.name if call.model is not None else "-"
+        model = call.label
         outcome = Outcome("POST", scope["path"], call.route, status, time.monotonic() - call.arrival,
                           model, error)  # fmt: skip
         call.state.accounting.refused(outcome, rid)

@@ -75,12 +75,18 @@ def is_oip(path: str) -> bool:
     return path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/")
 
 
+def error_body(code: str, message: str) -> bytes:
+    """The contract's error as bytes, for answers written below FastAPI (the door, the HTTP
+    protocol's own 408 and 431)."""
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
 def body(path: str, error: APIError) -> tuple[int, bytes]:
     """The status and JSON body of ``error`` on ``path``: our contract's, or under /v2 the Open
     Inference Protocol's ``{"error": "..."}``, where a bad parameter is 400, not 422."""
     if is_oip(path):
         return (400 if error.status == 422 else error.status), json.dumps({"error": error.message}).encode()
-    return error.status, json.dumps({"error": {"code": error.code, "message": error.message}}).encode()
+    return error.status, error_body(error.code, error.message)
 
 
 def _render(request: Request, error: APIError) -> Response:

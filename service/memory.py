@@ -8,6 +8,7 @@ four reloads of the demo model kept 386 MB resident without it, 303 MB with it).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import functools
@@ -31,3 +32,10 @@ def release_free_memory(collect: bool = False) -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def release_soon(delay_s: float = 0.05) -> None:
+    """``release_free_memory`` in a worker thread shortly: once what the caller is dropping
+    (a request's body, a traceback holding it) is really gone."""
+    loop = asyncio.get_running_loop()
+    loop.call_later(delay_s, loop.run_in_executor, None, release_free_memory, True)

@@ -104,7 +104,7 @@ class ObservabilityMiddleware:
             call = scope.get("state", {}).get("call")
             if call is not None:
                 call.close()
-                route, model, error = call.route, call.model.name if call.model else NO_MODEL, call.error
+                route, model, error = call.route, call.label, call.error
             else:
                 route, model, error = getattr(scope.get("route"), "path", None) or UNMATCHED, NO_MODEL, None
             self.accounting.record(

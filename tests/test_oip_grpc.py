@@ -8,6 +8,7 @@ import asyncio
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -186,3 +187,59 @@ def test_deadlines_and_cancellation_stop_the_work(served_artifact):
         assert (await stub.ServerReady(pb.ServerReadyRequest())).ready
 
     with_grpc(served_artifact, check)
+
+
+def _rss_mb(pid: int, field: str = "VmRSS") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise LookupError(field)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+def test_two_concurrent_largest_messages_stay_within_the_memory_bound(tmp_path):
+    """Two ModelInfer calls at once, each as large as a message may be (SSD_MAX_REQUEST_BYTES of
+    BYTES elements of random data): the server's peak resident memory rises by at most 600 MB,
+    and 5 s after both are answered it is back within 100 MB of where it started."""
+    from live import live_server
+
+    from service.settings import Settings
+
+    port = free_port()
+    limit = Settings().max_request_bytes
+    element = limit // 16 - 64
+    rng = np.random.default_rng(0)
+    request = pb.ModelInferRequest(model_name="ssdlite320_mobilenet_v3_large")
+    request.inputs.add(name="images", datatype="BYTES", shape=[16])
+    request.raw_input_contents.append(
+        b"".join(element.to_bytes(4, "little") + rng.bytes(element) for _ in range(16))
+    )
+    assert limit - 4096 < request.ByteSize() <= limit
+
+    with live_server(tmp_path, {"SSD_GRPC_PORT": str(port)}) as live:
+        pid = live.process.pid
+        start = _rss_mb(pid)
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # the peak (VmHWM) from now on
+
+        async def twice() -> list[grpc.StatusCode]:
+            options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+                async def one() -> grpc.StatusCode:
+                    try:
+                        await stub.ModelInfer(request, timeout=60)
+                    except grpc.aio.AioRpcError as exc:
+                        return exc.code()
+                    return grpc.StatusCode.OK
+
+                return list(await asyncio.gather(one(), one()))
+
+        codes = asyncio.run(twice())
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 2  # random bytes: no image, 400
+        peak = _rss_mb(pid, "VmHWM")
+        time.sleep(5)
+        after = _rss_mb(pid)
+        assert peak - start <= 600, (start, peak, after)
+        assert after - start <= 100, (start, peak, after)

@@ -232,3 +232,40 @@ def test_the_demo_model_and_an_ssd300_export_side_by_side_under_load(tmp_path):
             assert (await client.get("/readyz")).status_code == 200
 
     run(go())
+
+
+def test_a_broken_file_never_becomes_the_default_model(tmp_path, caplog):
+    """Random bytes named ``aa_broken.onnx`` beside ``shapes.onnx``: first by name, but never
+    loaded, so never the default; the service is ready and its default route serves shapes."""
+    shutil.copy(DEMO, tmp_path / "shapes.onnx")
+    (tmp_path / "aa_broken.onnx").write_bytes(bytes(range(256)) * 64)
+    image = encode(scene(seed=3))
+
+    async def go():
+        with caplog.at_level("INFO"):
+            async with serving(repo_settings(tmp_path)) as client:
+                assert (await client.get("/readyz")).status_code == 200
+                answer = await client.post("/detect", content=image, headers=JPEG)
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["model"]["name"] == "shapes"
+                model = (await client.get("/model")).json()
+                assert (model["name"], model["default"]) == ("shapes", "shapes")
+                broken = next(m for m in model["models"] if m["name"] == "aa_broken")
+                assert broken["state"] == "UNAVAILABLE" and "not a loadable ONNX model" in broken["error"]
+                refused = await client.post(
+                    "/detect", content=image, headers=JPEG, params={"model": "aa_broken"}
+                )
+                assert refused.status_code == 503 and "not a loadable" in refused.json()["error"]["message"]
+        # The start-up log names the served model as the answers do.
+        assert any("serving model shapes version 1 (ssdlite320" in r.getMessage() for r in caplog.records)
+
+    run(go())
+
+    async def named_default():
+        # A default named by the operator that failed: the default route cannot serve, not ready.
+        async with serving(repo_settings(tmp_path, default_model="aa_broken")) as client:
+            not_ready = await client.get("/readyz")
+            assert not_ready.status_code == 503
+            assert "aa_broken" in not_ready.json()["error"]["message"]
+
+    run(named_default())

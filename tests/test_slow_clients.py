@@ -2,9 +2,12 @@
 minimum rate and the idle keep-alive timeout.
 
 Two layers. The protocol guard rests on uvicorn internals (``self.cycle`` replaced when a request's
-headers complete, ``cycle.more_body``, ``cycle.response_complete``), so every protocol case runs
-on a tiny ASGI app in-process under both of uvicorn's HTTP implementations, httptools and h11: an
-upgrade that changes them fails here. Then ``ssd serve`` itself in a subprocess (httptools, uvloop,
+headers complete, ``cycle.more_body``, ``cycle.response_complete``, where each parser tells that a
+request's message is complete, the transport uvicorn closes), so every protocol case runs on a tiny
+ASGI app in-process under both of uvicorn's HTTP implementations, httptools and h11: an upgrade
+that changes them fails here. That includes the drain of a body after an early answer and the
+lingering close: clients that send their whole body before they read (Python's ``http.client``)
+read the answer. Then ``ssd serve`` itself in a subprocess (httptools, uvloop,
 the settings read from the environment, the real /detect) against the same cases, with the cuts
 counted in its /metrics while normal requests go on being answered.
 """
@@ -12,8 +15,10 @@ counted in its /metrics while normal requests go on being answered.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import io
 import json
+import re
 import select
 import socket
 import threading
@@ -29,10 +34,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.settings import Settings
-from service.slow_clients import RECHECK_S, BodyRateGuard, default_protocol, guarded_protocol
+from service.slow_clients import (
+    LINGER_S,
+    RECHECK_S,
+    BodyRateGuard,
+    default_protocol,
+    drain_limit,
+    guarded_protocol,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SLACK = 1.0  # seconds a cut may come after its clock ran out, on a busy test machine
+MIB = 1024 * 1024
+BIG = 21 * MIB  # the issue's body: a raw image past the 20 MiB limit, larger than the socket buffers
 
 
 @dataclass
@@ -136,8 +150,9 @@ def multipart(data: bytes, boundary: str = "slowboundary") -> tuple[str, bytes]:
 
 async def tiny_app(scope: dict, receive, send) -> None:
     """/echo reads the whole body and answers its size; /sleep answers after twice the header
-    timeout; /early answers 413 without reading the body; any other path answers 200 at once.
-    A body cut by the guard ends in an answer it drops."""
+    timeout; /early answers 413 without reading the body; /close answers 503 with ``Connection:
+    close`` without reading the body; any other path answers 200 at once. A body cut by the guard
+    ends in an answer it drops."""
     if scope["type"] != "http":
         return
     if scope["path"] == "/echo":
@@ -156,12 +171,16 @@ async def tiny_app(scope: dict, receive, send) -> None:
         await reply(send, 200, b'{"slept": true}')
     elif scope["path"] == "/early":
         await reply(send, 413, b'{"error": {"code": "payload_too_large", "message": "early"}}')
+    elif scope["path"] == "/close":
+        body = b'{"error": {"code": "overloaded", "message": "closes"}}'
+        await reply(send, 503, body, [(b"connection", b"close")])
     else:
         await reply(send, 200, b'{"status": "ok"}')
 
 
-async def reply(send, status: int, body: bytes) -> None:
+async def reply(send, status: int, body: bytes, extra: list[tuple[bytes, bytes]] | None = None) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += extra or []
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -171,6 +190,20 @@ class InProcess:
     port: int
     settings: Settings
     cuts: list[str] = field(default_factory=list)
+    server: uvicorn.Server | None = None
+
+    def open_connections(self) -> int:
+        assert self.server is not None
+        return len(self.server.server_state.connections)
+
+    def connections_gone_within(self, seconds: float) -> float | None:
+        """Seconds until the server holds no connection, None if it still does after ``seconds``."""
+        started = time.monotonic()
+        while self.open_connections():
+            if time.monotonic() - started > seconds:
+                return None
+            time.sleep(0.01)
+        return time.monotonic() - started
 
 
 TINY = Settings(
@@ -180,6 +213,7 @@ TINY = Settings(
     keepalive_timeout_s=0.5,
     max_header_bytes=4096,
 )
+DRAIN = 2 * BIG  # the tiny server's drain bound: BIG fits, five times it does not
 
 
 @pytest.fixture(scope="module", params=[HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"])
@@ -190,7 +224,7 @@ def tiny(request) -> Iterator[InProcess]:
         BodyRateGuard(tiny_app, timeout_s=TINY.body_timeout_s, min_rate=TINY.min_body_rate),
         host="127.0.0.1",
         port=server_port,
-        http=guarded_protocol(request.param, TINY, cuts.append),
+        http=guarded_protocol(request.param, TINY, cuts.append, drain_bytes=DRAIN),
         timeout_keep_alive=TINY.keepalive_timeout_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=TINY.max_header_bytes + 1,
         lifespan="off",
@@ -205,7 +239,7 @@ def tiny(request) -> Iterator[InProcess]:
         assert time.monotonic() < deadline and thread.is_alive(), "the in-process server did not start"
         time.sleep(0.02)
     try:
-        yield InProcess(server_port, TINY, cuts)
+        yield InProcess(server_port, TINY, cuts, server)
     finally:
         server.should_exit = True
         thread.join(timeout=10)
@@ -219,6 +253,16 @@ def test_auto_is_httptools():
 def test_guarded_class_is_a_subclass():
     cls = guarded_protocol(H11Protocol, TINY)
     assert issubclass(cls, H11Protocol) and cls.__name__ == "GuardedH11Protocol"
+
+
+def test_drain_bound_is_the_largest_body_read():
+    # The drain reads and drops any body the service could have read, and one past it by as much
+    # as the 21 MiB image passes the 20 MiB image limit, so that its refusal arrives.
+    settings = Settings()
+    largest = getattr(settings, "max_request_bytes", None)
+    if largest is None:
+        largest = settings.max_image_bytes * settings.max_images_per_request
+    assert drain_limit(settings) >= largest + BIG - settings.max_image_bytes
 
 
 def test_idle_fresh_connection_gets_408(tiny):
@@ -353,23 +397,187 @@ def test_idle_keep_alive_is_closed(tiny):
     conn.close()
 
 
-def test_unread_body_after_an_early_answer_is_bounded(tiny):
-    # Answered before its body was read (an early 413, kept alive): the rest of the body runs on
-    # the header budget and the connection is closed without a second answer.
+# --- answers before the body: the drain, and the lingering close ----------------------------------
+
+
+def body_first(port: int, path: str, body: bytes, tries: int) -> list[tuple[int, dict, bool]]:
+    """``tries`` POSTs of ``body`` by Python's ``http.client``, which sends the whole body before it
+    reads: (status, JSON body, whether the connection was the one before), one per try. A
+    connection is kept for the next try while the server keeps it open."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    headers = {"Content-Type": "image/jpeg", "Content-Length": str(len(body))}
+    results, previous = [], None
+    try:
+        for _ in range(tries):
+            conn.request("POST", path, body=body, headers=headers)
+            reused = conn.sock is previous
+            response = conn.getresponse()
+            results.append((response.status, json.loads(response.read()), reused))
+            previous = conn.sock  # None after an answer with Connection: close
+    finally:
+        conn.close()
+    return results
+
+
+def sent_until_cut(conn: Conn, total: int, size: int = MIB) -> int:
+    """Sends up to ``total`` bytes ``size`` at a time; returns how many went before the server cut."""
+    sent = 0
+    chunk = b"c" * size
+    while sent < total:
+        try:
+            conn.sock.sendall(chunk)
+        except OSError:
+            break
+        sent += size
+    return sent
+
+
+def seconds_until_cut(conn: Conn, size: int, every: float, limit_s: float) -> float | None:
+    """Sends ``size`` bytes every ``every`` seconds until a send fails (the server closed: the
+    send after the close gets a reset, the one after that fails); the seconds since the first
+    send, None if nothing failed within ``limit_s``."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        try:
+            conn.sock.sendall(b"d" * size)
+        except OSError:
+            return time.monotonic() - started
+        time.sleep(every)
+    return None
+
+
+def test_body_first_client_reads_an_early_answer(tiny):
+    # The issue's case on both parsers: an answer before the body was read (the service's 413 of a
+    # declared 21 MiB image), to a client that writes all 21 MiB before it reads. The rest of the
+    # body is read and dropped (the drain), and the connection is kept for the next request.
+    before = len(tiny.cuts)
+    results = body_first(tiny.port, "/early", b"j" * BIG, 20)
+    assert [status for status, _, _ in results] == [413] * 20
+    assert all(body["error"]["code"] == "payload_too_large" for _, body, _ in results)
+    assert all(reused for _, _, reused in results[1:])  # one connection for all 20
+    assert tiny.cuts[before:] == []
+    assert tiny.connections_gone_within(TINY.keepalive_timeout_s + SLACK) is not None
+
+
+def test_body_first_client_reads_an_answer_that_closes(tiny):
+    # An answer with Connection: close while the body is still coming (the service's 503
+    # refusals, BodyRateGuard's 408): a lingering close, not a reset under the client.
+    results = body_first(tiny.port, "/close", b"j" * BIG, 5)
+    assert [(status, body["error"]["code"], reused) for status, body, reused in results] == [
+        (503, "overloaded", False)
+    ] * 5
+    assert tiny.connections_gone_within(SLACK) is not None
+    # The same by hand: the answer, then an end of file (the half close) while the body still
+    # goes in; the client that closes then ends the connection at once, not at a lingering bound.
+    conn = Conn(tiny.port)
+    conn.send(post_head("/close", "image/jpeg", BIG) + b"j" * BIG)
+    answer = conn.response()
+    assert answer.status == 503 and answer.headers["connection"] == "close"
+    assert conn.closed_within(SLACK) and conn.buf == b""
+    conn.close()
+    gone = tiny.connections_gone_within(LINGER_S)
+    assert gone is not None and gone < min(LINGER_S, TINY.body_timeout_s) / 2, gone
+
+
+def test_drain_past_its_byte_bound_is_cut(tiny):
+    # Past the drain bound (DRAIN here) the connection is closed, whether the
+    # connection was to stay open (an early 413) or was closing (a 503 with Connection: close);
+    # neither is counted as a cut of the header clock.
+    before = len(tiny.cuts)
+    for path in ("/early", "/close"):
+        conn = Conn(tiny.port)
+        conn.send(post_head(path, "image/jpeg", 5 * DRAIN))
+        assert conn.response().status in (413, 503)
+        sent = sent_until_cut(conn, 5 * DRAIN)
+        assert DRAIN <= sent < 5 * DRAIN, (path, sent)
+        conn.close()
+    assert tiny.connections_gone_within(SLACK) is not None
+    assert tiny.cuts[before:] == []
+
+
+@pytest.mark.parametrize("path", ["/early", "/close"])
+def test_slow_drain_is_cut_by_the_body_rule(tiny, path):
+    # 100 bytes every 0.25 s (400 bytes/s, under the minimum of 1000), each gap under LINGER_S:
+    # the body rule (0.5 s plus 1 s per 1000 bytes) runs out about 1 s after the first byte.
+    # Not a cut of the header clock (which would have come at 0.5 s).
+    before = len(tiny.cuts)
+    conn = Conn(tiny.port)
+    conn.send(post_head(path, "image/jpeg", 1_000_000))
+    assert conn.response().status in (413, 503)
+    every = 0.25
+    cut = seconds_until_cut(conn, 100, every, limit_s=10)
+    expected = (TINY.body_timeout_s + 100 / TINY.min_body_rate) / (1 - 100 / every / TINY.min_body_rate)
+    assert cut is not None and TINY.body_timeout_s <= cut <= expected + 2 * every + SLACK, cut
+    conn.close()
+    assert tiny.connections_gone_within(SLACK) is not None
+    assert tiny.cuts[before:] == []
+
+
+def test_stalled_drain_is_closed_after_the_idle_limit(tiny):
+    # A body that stops after an early answer (a kept-alive connection, 200 KB of 10 MB sent): the
+    # body rule would allow 200 s more, the idle limit between chunks (LINGER_S) closes it. Without
+    # a second answer, and not as a header cut.
+    before = len(tiny.cuts)
     conn = Conn(tiny.port)
     conn.send(post_head("/early", "image/jpeg", 10_000_000))
     assert conn.response().status == 413
-    sent = 0
-    try:
-        for _ in range(200):
-            conn.send(b"z" * 1024)
-            sent += 1024
-            time.sleep(0.002)
-    except OSError:
-        pass
-    assert conn.closed_within(TINY.header_timeout_s + SLACK)
-    assert sent < 200 * 1024 or conn.buf == b""
-    assert b"HTTP/1.1" not in conn.buf
+    conn.send(b"z" * 200_000)
+    started = time.monotonic()
+    assert conn.closed_within(LINGER_S + SLACK)
+    assert time.monotonic() - started >= LINGER_S * 0.9
+    assert conn.buf == b""
+    conn.close()
+    assert tiny.cuts[before:] == []
+
+
+def test_kept_alive_connection_goes_on_after_a_drained_body(tiny):
+    body = b"q" * 300_000
+    chunked = b"".join(b"%x\r\n" % 1000 + b"q" * 1000 + b"\r\n" for _ in range(300)) + b"0\r\n\r\n"
+    chunked_head = (
+        b"POST /early HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    for head, rest in ((post_head("/early", "image/jpeg", len(body)), body), (chunked_head, chunked)):
+        # The body after the answer, in pieces, then the next request.
+        conn = Conn(tiny.port)
+        conn.send(head)
+        assert conn.response().status == 413
+        for start in range(0, len(rest), 70_000):
+            conn.send(rest[start : start + 70_000])
+        conn.send(get())
+        answer = conn.response()
+        assert answer.status == 200 and json.loads(answer.body) == {"status": "ok"}
+        # Once more, the next request in the same packet as the end of the body.
+        conn.send(head)
+        assert conn.response().status == 413
+        conn.send(rest + get())
+        assert conn.response().status == 200
+        conn.close()
+
+
+def test_after_a_drained_body_the_clocks_run_again(tiny):
+    # The next request's headers are on the header clock again: trickled, they get the 408.
+    conn = Conn(tiny.port)
+    conn.send(post_head("/early", "image/jpeg", 100_000))
+    assert conn.response().status == 413
+    conn.send(b"b" * 100_000)
+    time.sleep(0.1)
+    conn.send(b"GET / HTTP/1.1\r\n")
+    started = time.monotonic()
+    answer = conn.response(timeout=TINY.header_timeout_s + SLACK)
+    assert answer.status == 408 and time.monotonic() - started >= TINY.header_timeout_s * 0.9
+    assert conn.closed_within(LINGER_S + SLACK)
+    conn.close()
+    # An idle connection after a drained body is closed as a kept-alive one is: silently, after
+    # the keep-alive timeout.
+    conn = Conn(tiny.port)
+    conn.send(post_head("/early", "image/jpeg", 100_000))
+    assert conn.response().status == 413
+    conn.send(b"b" * 100_000)
+    started = time.monotonic()
+    assert conn.closed_within(TINY.keepalive_timeout_s + SLACK)
+    assert time.monotonic() - started >= TINY.keepalive_timeout_s * 0.9
+    assert conn.buf == b""
     conn.close()
 
 
@@ -487,15 +695,18 @@ def small_jpeg(side: int = 64) -> bytes:
 
 
 def metric(port: int, name: str, **labels: str) -> float:
+    """The sum of ``name`` over its series that have ``labels`` (whatever other labels they have)."""
     conn = Conn(port)
     conn.send(get("/metrics"))
     text = conn.response().body.decode()
     conn.close()
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
     for line in text.splitlines():
-        if line.startswith(f"{name}{{{want}}} "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        series, _, value = line.rpartition(" ")
+        if series.startswith(f"{name}{{") and want <= set(re.findall(r'\w+="[^"]*"', series)):
+            total += float(value)
+    return total
 
 
 def test_serve_cuts_slow_clients_while_serving_others(served):
@@ -603,3 +814,20 @@ def test_serve_idle_keep_alive_is_closed(served):
     assert conn.closed_within(1 + SLACK)
     assert time.monotonic() - started >= 0.9
     conn.close()
+
+
+def test_serve_body_first_client_reads_the_413(served):
+    # The issue's finding: Python's http.client posts a 21 MiB raw image (past SSD_MAX_IMAGE_BYTES,
+    # refused as soon as its Content-Length is read) 20 times; each reads the 413 and its JSON,
+    # counted as payload_too_large, none as a header cut.
+    port = served.port
+    rejected = "detector_rejected_requests_total"
+    reasons = ("payload_too_large", "header_too_large", "header_timeout")
+    before = {r: metric(port, rejected, reason=r) for r in reasons}
+    results = body_first(port, "/detect", b"j" * BIG, 20)
+    assert [status for status, _, _ in results] == [413] * 20
+    assert all(body["error"]["code"] == "payload_too_large" for _, body, _ in results)
+    after = {r: metric(port, rejected, reason=r) for r in reasons}
+    assert after["payload_too_large"] - before["payload_too_large"] == 20
+    assert after["header_too_large"] == before["header_too_large"]
+    assert after["header_timeout"] == before["header_timeout"]

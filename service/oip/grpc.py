@@ -33,9 +33,7 @@ import grpc
 import numpy as np
 
 from ..accounting import NO_MODEL, Outcome
-from ..decoding import TRIM_ABOVE
 from ..errors import APIError, client_gone
-from ..memory import release_free_memory
 from ..pipeline import Call
 from ..repository import ModelNotFound
 from ..state import State
@@ -142,13 +140,14 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         status = 200
         error: APIError | None = None
+        abort: tuple[grpc.StatusCode, str] | None = None
         state.metrics.in_flight.inc()
         try:
             return await work()
         except APIError as exc:
             error = call.fail(exc) if call is not None else exc
             status = exc.status
-            await context.abort(CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
+            abort = (CODES.get(exc.status, grpc.StatusCode.INTERNAL), exc.message)
         except asyncio.CancelledError:
             status = 499  # the client cancelled, or its deadline passed
             error = call.fail(client_gone()) if call is not None else None
@@ -158,16 +157,24 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception:
             status = 500
             log.exception("unhandled error in %s", method)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+            abort = (grpc.StatusCode.INTERNAL, "internal error; see the service log")
         finally:
             state.metrics.in_flight.dec()
             model = NO_MODEL
             if call is not None:
-                call.close()
-                model = call.model.name if call.model is not None else NO_MODEL
+                model = call.label
                 error = call.error
+            if error is not None:
+                # Only the error's code and message are kept: its traceback holds the frames of
+                # the request (its message's bytes) for as long as the error lives.
+                error.__traceback__ = error.__cause__ = error.__context__ = None
             outcome = Outcome("GRPC", method, method, status, time.perf_counter() - started, model, error)
             state.accounting.record(outcome, log_line=method == "ModelInfer")
+            if call is not None:
+                call.close()
+        # Outside the handler of the error: grpc's AbortError would chain it (and its frames).
+        assert abort is not None
+        await context.abort(*abort)
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
@@ -253,14 +260,20 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             async with asyncio.timeout_at(due):
                 size, request = await anext(aiter(messages))
+                # The stream's end (a unary client half-closes with its message): the message
+                # is not kept by grpc's receiver for as long as the call lives.
+                async for _ in messages:
+                    raise bad("ModelInfer takes one message")
         except StopAsyncIteration:
-            raise bad("ModelInfer needs one ModelInferRequest message") from None
+            # A unary client always sends its one message: none means gRPC itself refused it
+            # for its size (the client has RESOURCE_EXHAUSTED already; this counts it).
+            limit = message_limit(self.state.settings)
+            raise APIError(413, f"the message passes the limit of {limit} bytes (SSD_MAX_REQUEST_BYTES "
+                           "and the message's framing)", "payload_too_large") from None  # fmt: skip
         except TimeoutError:
             raise APIError(504, "the request's message did not arrive before its deadline",
                            "deadline_exceeded") from None  # fmt: skip
         call.bytes.shrink(size)
-        if size > TRIM_ABOVE:
-            release_free_memory()  # gRPC's own copy of a large message is freed: hand it back
         return request
 
 
