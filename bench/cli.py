@@ -22,6 +22,10 @@ SERVING = {
         "bench.slow_clients",
         "slow-header and slow-body attackers: all cut on time, normal requests unharmed",
     ),
+    "path": (
+        "bench.request_path",
+        "one /detect request's path: the service modules it crosses, and how often",
+    ),
     "hostile": (
         "bench.hostile",
         "hostile inputs and clients beside normal load: the contract's answers, bounded memory",

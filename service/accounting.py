@@ -22,7 +22,6 @@ from .metrics import Metrics
 access_log = logging.getLogger("service.access")
 QUIET = frozenset({"/metrics", "/healthz", "/readyz"})  # probes: counted, not logged
 NO_MODEL = "-"
-UNMATCHED = "unmatched"
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class RefusalLog:
         if self._count:
             reasons = ", ".join(f"{code} {n}" for code, n in sorted(self._reasons.items()))
             access_log.info(
-                "%d more refused at the door in the last %g s (%s)", self._count, self.every_s, reasons
+                "503 x%d more at the door in the last %g s (%s)", self._count, self.every_s, reasons
             )
             self._count, self._reasons = 0, {}
             # Still refusing: the next is counted into the next second's line.

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Query, Request
 
 from .errors import APIError
+from .framework import query_names, route_template
 from .pipeline import Call
 from .repository import ModelNotFound, ServedModel
 from .state import State
@@ -28,8 +29,7 @@ async def get_call(request: Request) -> Call:
     state = request.scope.setdefault("state", {})
     call = state.get("call")
     if call is None:
-        route = getattr(request.scope.get("route"), "path", request.url.path)
-        call = state["call"] = Call(request.app.state.service, route)
+        call = state["call"] = Call(request.app.state.service, route_template(request.scope))
     return call
 
 
@@ -54,11 +54,9 @@ def served(state: State, name: str | None, version: int | str | None = None) -> 
 async def known_query(request: Request) -> None:
     """422 for a query parameter the route does not take: a typo (``threshold`` for
     ``score_threshold``) must not be answered as if it were not there."""
-    route = request.scope.get("route")
-    dependant = getattr(route, "dependant", None)
-    if dependant is None:
+    known = query_names(request.scope)
+    if known is None:
         return
-    known = {p.alias for p in _query_params(dependant)}
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         raise APIError(
@@ -66,10 +64,3 @@ async def known_query(request: Request) -> None:
             f"unknown query parameters {unknown}; this route takes {sorted(known) or 'none'}",
             "invalid_parameters",
         )
-
-
-def _query_params(dependant: object) -> list:
-    params = list(getattr(dependant, "query_params", []))
-    for sub in getattr(dependant, "dependencies", []):
-        params += _query_params(sub)
-    return params

@@ -1,4 +1,5 @@
-"""Image formats told apart by their bytes, never by a declared type or a file name.
+"""Image formats told apart by their bytes, never by a declared type or a file name; and every
+reach into Pillow's internals (its registry of formats, an opened image's tiles).
 
 ``accepted_format`` names the formats the service decodes (JPEG, PNG, WebP, GIF, BMP, TIFF);
 ``known_format`` names any other format it can recognise (its own table, then Pillow's registered
@@ -116,3 +117,10 @@ def known_format(data: bytes) -> str | None:
         except Exception:
             continue
     return None
+
+
+def decoder_name(image: Image.Image) -> str | None:
+    """The name of the decoder Pillow will run on an opened image (its first tile's), e.g.
+    ``bmp_rle``; None when it has none (already loaded)."""
+    tile = getattr(image, "tile", None)
+    return tile[0][0] if tile else None

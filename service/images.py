@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .formats import ACCEPTED_TEXT, accepted_format, known_format
+from .formats import ACCEPTED_TEXT, accepted_format, decoder_name, known_format
 
 # EXIF orientations that swap width and height (rotations by 90 or 270 degrees).
 _TRANSPOSING = {5, 6, 7, 8}
@@ -321,12 +321,7 @@ def open_image(data: bytes, input_size: tuple[int, int], max_pixels: int) -> Ope
     try:
         width, height = image.size
         _check_pixels(width, height, max_pixels)
-        if (
-            fmt == "BMP"
-            and image.tile
-            and image.tile[0][0] == "bmp_rle"
-            and width * height > RLE_BMP_MAX_PIXELS
-        ):
+        if fmt == "BMP" and decoder_name(image) == "bmp_rle" and width * height > RLE_BMP_MAX_PIXELS:
             raise ImageTooLarge(
                 f"the image is a run-length-encoded BMP of {width}x{height} = {width * height} pixels; "
                 f"the limit for those is {RLE_BMP_MAX_PIXELS}"

@@ -14,7 +14,8 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .accounting import NO_MODEL, UNMATCHED, Accounting, Outcome
+from .accounting import NO_MODEL, Accounting, Outcome
+from .framework import route_template
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
@@ -106,7 +107,7 @@ class ObservabilityMiddleware:
                 call.close()
                 route, model, error = call.route, call.label, call.error
             else:
-                route, model, error = getattr(scope.get("route"), "path", None) or UNMATCHED, NO_MODEL, None
+                route, model, error = route_template(scope), NO_MODEL, None
             self.accounting.record(
                 Outcome(scope["method"], scope["path"], route, status, elapsed, model, error)
             )

@@ -144,6 +144,7 @@ class Call:
     bytes: Reservation | None = None  # request bytes held against the process-wide budget
     label: str = "-"  # the metrics' and the log's ``model``: a served name once looked up, or "-"
     _lookup: APIError | None = None
+    _info: ModelInfo | None = None
 
     # --- model ---------------------------------------------------------------------------------
 
@@ -166,14 +167,14 @@ class Call:
                 503, f"model {model.name} is not loaded{why}", "not_ready", {"Retry-After": "5"}
             )
             raise self._lookup
-        self.model = model
+        self.model, self._info = model, model.detector.info
         return model
 
     @property
     def info(self) -> ModelInfo:
-        """The resolved model's metadata (its artifact as loaded now)."""
-        assert self.model is not None and self.model.detector is not None, "resolve() first"
-        return self.model.detector.info
+        """The resolved model's metadata (its artifact as loaded when it was looked up)."""
+        assert self._info is not None, "resolve() first"
+        return self._info
 
     # --- deadline ------------------------------------------------------------------------------
 

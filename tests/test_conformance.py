@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import shutil
 import struct
 import time
@@ -34,7 +35,10 @@ from service.oip.proto import open_inference_grpc_pb2 as pb
 from service.oip.proto import open_inference_grpc_pb2_grpc as pb_grpc
 from service.settings import Settings
 
-DEMO = Path(__file__).resolve().parents[1] / "models" / "demo.onnx"
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "demo.onnx"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
+DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "detector.json"
 # gRPC's codes as the HTTP statuses of the contract's table (shared/design.md, OIP section).
 STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -244,6 +248,9 @@ def test_metrics_by_route_template_and_served_model(kind, repository):
             assert metric(text, 'detector_rejected_requests_total{reason="model_not_found"}') == 1
             assert "no-such-model-xyz" not in text  # a 404's name is never a label
             assert 'route="other"' not in text and 'route="unmatched"' not in text
+            # The alerts and the dashboard's request panels select inference by route: this one too.
+            for selector in re.findall(r'route=~\\?"([^"\\]+)', ALERTS.read_text() + DASHBOARD.read_text()):
+                assert re.fullmatch(selector, route), (selector, route)
 
     run(go())
 

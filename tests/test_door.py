@@ -7,20 +7,26 @@ import logging
 
 import pytest
 
-from service.door import RefusalLog
+from service.accounting import Outcome, RefusalLog
+from service.errors import APIError
+
+
+def refused(code: str, message: str, seconds: float) -> Outcome:
+    error = APIError(503, message, code)
+    return Outcome("POST", "/detect", "/detect", 503, seconds, "shapes", error)
 
 
 def test_refusals_are_logged_as_a_count_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
         log = RefusalLog(every_s=0.05)
-        log.add("overloaded", "the request would finish too late", "r1", 0.4)
+        log.add(refused("overloaded", "the request would finish too late", 0.0004), "r1")
         for n in range(500):  # a storm: one line would be written for each
-            log.add("queue_full" if n % 5 == 0 else "overloaded", "...", f"r{n}", 0.3)
+            log.add(refused("queue_full" if n % 5 == 0 else "overloaded", "...", 0.0003), f"r{n}")
         await asyncio.sleep(0.08)
-        log.add("overloaded", "...", "late", 0.3)  # still refusing: into the next interval
+        log.add(refused("overloaded", "...", 0.0003), "late")  # still refusing: into the next interval
         await asyncio.sleep(0.08)
         await asyncio.sleep(0.12)  # quiet: no more lines
-        log.add("overloaded", "after the storm", "r-next", 0.2)  # a line of its own again
+        log.add(refused("overloaded", "after the storm", 0.0002), "r-next")  # a line of its own again
 
     with caplog.at_level(logging.INFO, logger="service.access"):
         asyncio.run(go())
