@@ -155,12 +155,21 @@ class _GuardedTransport:
     """The transport uvicorn (and an upgraded protocol) is given: the real one, except that
     ``close()`` is the guard's to carry out (at once, or after a lingering close), ``is_closing()``
     is True from that call on, and what is written after it is dropped (the write side may already
-    be shut). Everything else is the real transport's."""
+    be shut). Everything else is the real transport's (the methods uvicorn calls bound once, any
+    other through ``__getattr__``). A cycle gets it only while its request's body is arriving
+    (``_guard_wrap``)."""
 
     def __init__(self, transport: asyncio.Transport, close: Callable[[], None]) -> None:
         self._transport = transport
         self._close = close
         self.closing = False
+        self.get_extra_info = transport.get_extra_info
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
+        self.is_reading = transport.is_reading
+        self.set_protocol = transport.set_protocol
+        self.get_protocol = transport.get_protocol
+        self._write = transport.write
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._transport, name)
@@ -175,7 +184,7 @@ class _GuardedTransport:
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if not self.closing:
-            self._transport.write(data)
+            self._write(data)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         if not self.closing:
@@ -214,7 +223,7 @@ def guarded_protocol(
         _guard_pending = False  # a request's headers are awaited
         _guard_cycle: object = None  # uvicorn's cycle when the clock started
         _guard_bytes = 0  # received since the clock started
-        _guard_real: asyncio.Transport  # the socket's transport; uvicorn holds a _GuardedTransport
+        _guard_real: asyncio.Transport  # the socket's transport, uvicorn's protocol's own
         _guard_transport: _GuardedTransport
         _guard_lost = False  # connection_lost has run
         _guard_ended: object = None  # the cycle whose request the parser saw end (httptools)
@@ -231,7 +240,7 @@ def guarded_protocol(
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             self._guard_real = transport  # type: ignore[assignment]
             self._guard_transport = _GuardedTransport(transport, self._guard_close)  # type: ignore[arg-type]
-            super().connection_made(self._guard_transport)
+            super().connection_made(transport)
             self._guard_start()
 
         def connection_lost(self, exc: Exception | None) -> None:
@@ -247,6 +256,7 @@ def guarded_protocol(
                 # uvicorn ignores the end of a body whose response is complete (cycle.more_body
                 # stays True): this is where the drain learns that the body is over.
                 self._guard_ended = self.cycle
+                self._guard_unwrap(self.cycle)
                 super().on_message_complete()
 
         def data_received(self, data: bytes) -> None:
@@ -264,6 +274,8 @@ def guarded_protocol(
                     phase = self._phase()
                     if phase == _BODY:
                         super().data_received(data)
+                        if h11_send_body is not None and not self._body_pending(self.cycle):
+                            self._guard_unwrap(self.cycle)
                         return
                     if phase == _DRAIN:
                         data = self._drain(data)  # what follows the end of that body goes round
@@ -284,6 +296,7 @@ def guarded_protocol(
                     return
                 if self.cycle is not self._guard_cycle:
                     self._guard_stop()  # headers complete; the rest of the chunk goes round again
+                    self._guard_wrap(self.cycle)
                 elif data and not self.transport.is_reading():
                     # The parser stopped reading: it keeps a pipelined request until the response
                     # before it is done (h11 does; httptools parses it at once), at most this chunk.
@@ -292,6 +305,20 @@ def guarded_protocol(
                 elif data:
                     self._guard_cut("header_too_large")
                     return
+
+        def _guard_wrap(self, cycle: object) -> None:
+            """While a request's body is still arriving, its cycle (which answers it, and closes
+            the connection after an answer with ``Connection: close``) writes and closes through
+            the guard's transport: an answer given before the body is in gets a lingering close.
+            Only then: through a wrapper on every request, the serving curve lost 5-8% at 2 to
+            4 clients (A/B, docs/benchmarks.md "One request pipeline")."""
+            if cycle is not None and self._body_pending(cycle):
+                cycle.transport = self._guard_transport  # type: ignore[attr-defined]
+
+        def _guard_unwrap(self, cycle: object) -> None:
+            """The body is all in: the cycle answers through the socket's transport itself."""
+            if cycle is not None and getattr(cycle, "transport", None) is self._guard_transport:
+                cycle.transport = self._guard_real  # type: ignore[attr-defined]
 
         def _body_pending(self, cycle: object) -> bool:
             """Whether bytes of ``cycle``'s request body are still to come."""
