@@ -268,3 +268,18 @@ def test_the_small_data_set_is_shapes_on_held_apart_photos(tmp_path):
     # Objects from 10% to 60% of the side; rotation, occlusion and the border trim a few below.
     assert summary.sizes["< 5%"] == 0 and summary.sizes[">= 60%"] <= 0.1 * sum(summary.sizes.values())
     assert not (tmp_path / "data.partial").exists()
+
+
+def test_bench_path_follows_one_request_through_the_service(capsys):
+    import argparse
+
+    from bench import request_path
+
+    parser = argparse.ArgumentParser()
+    request_path.configure(parser)
+    assert request_path.main(parser.parse_args(["--json"])) == 0
+    figures = json.loads(capsys.readouterr().out)
+    # The request enters the core and its adapter, and crosses between them.
+    assert {"service.pipeline", "service.detect", "service.batcher"} <= set(figures["by_module"])
+    assert figures["hops"] >= figures["modules"] > 5
+    assert "service.detect -> service.pipeline" in figures["crossings"]
