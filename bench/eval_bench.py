@@ -6,8 +6,8 @@ Two cases, their inputs made here when missing:
   checkpoint, ``ssd data synth --out data/synth --images 2000 --val-images 300 --seed 0`` and
   ``ssd train --model ssdlite320_mobilenet_v3_large --data data/synth --epochs 1 --batch-size 16
   --workers 1 --out runs/eval-1epoch`` (3 to 5 minutes on 2 cores);
-- ``coco-mini``: the 79 coco-mini photos (../shared/data/coco-mini) with an SSDlite of their 80
-  categories (81 classes with the background): random weights, batch-norm statistics from
+- ``coco-mini``: the 79 coco-mini photos of the workspace's shared data (``COCO_MINI``) with an
+  SSDlite of their 80 categories (81 classes with the background): random weights, batch-norm statistics from
   synthetic scenes, so that most scores sit above the 0.01 threshold as an untrained network's
   do (32,000 NMS candidates per image), saved in ``ssd train``'s checkpoint format.
 

@@ -111,7 +111,7 @@ async def _exchange(
         return CONNECTION_FAILED, None
 
 
-def _grpc_status(code: object) -> int:
+def grpc_status(code: object) -> int:
     """A gRPC status as the HTTP status the service answers for the same case."""
     import grpc
 
@@ -146,7 +146,7 @@ async def _grpc_closed_loop(load: Load, record: _Recorder, origin: float) -> Non
                     await call(request)
                     status = 200
                 except grpc.aio.AioRpcError as exc:
-                    status = _grpc_status(exc.code())
+                    status = grpc_status(exc.code())
                 record.add(started - origin, time.perf_counter() - started, status)
 
     await asyncio.gather(*(client(i) for i in range(load.clients or 0)))

@@ -5,7 +5,7 @@ in COCO's layout (91 classes, background included; batch-norm statistics from sy
 so the scores vary), saved as a state dict and given to ``ssd export --torchvision NAME
 --weights-file``, as a user would. COCO_V1 weights cannot be downloaded here; with 91 classes and
 random weights every default box of every class is a candidate, the hardest case for the
-post-processing. Then the coco-mini photos (../shared/data/coco-mini), decoded and resized as the
+post-processing. Then the coco-mini photos (the workspace's shared data), decoded and resized as the
 service does, go through the artifact (ONNX Runtime, CPU) and through torchvision's model with
 the same thresholds, 8 at a time, and every detection is matched one to one (export/verify.py's
 rule: same label, boxes and scores within 1e-4, ties aside).

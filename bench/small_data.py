@@ -1,7 +1,7 @@
 """``ssd bench small-data``: what the training defaults reach on a small dataset of one's own.
 
 The set: shapes (three classes: circle, square, triangle) drawn on real photographs, the
-coco-mini backgrounds (../shared/data/coco-mini/val2017), 400 training and 100 validation
+coco-mini backgrounds (the workspace's shared coco-mini photos), 400 training and 100 validation
 images, objects 10-60% of the image side, written as a YOLO dataset (``data.yaml``), the form a
 new user most often brings. Validation images are drawn on photos that no training image uses.
 

@@ -1,6 +1,6 @@
 """What the serving benchmarks send and how one load point is measured.
 
-The photos: the COCO val2017 images in ../shared/data/coco-mini (real JPEGs of varied sizes and
+The photos: the COCO val2017 images in the workspace's shared coco-mini set (real JPEGs of varied sizes and
 content), sent in turn. One measured point: a short untimed warm-up at the same pace, then the load,
 with our /metrics read before and after (batch sizes) and the server's resident memory after.
 """

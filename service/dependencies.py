@@ -9,8 +9,8 @@ from fastapi import Depends, Query, Request
 
 from .errors import APIError
 from .framework import query_names, route_template
-from .pipeline import Call
-from .repository import ModelNotFound, ServedModel
+from .pipeline import Call, lookup
+from .repository import ServedModel
 from .state import State
 
 
@@ -45,10 +45,7 @@ VersionQuery = Annotated[
 
 def served(state: State, name: str | None, version: int | str | None = None) -> ServedModel:
     """The model a request names (or the default): 404 for a name or version not served."""
-    try:
-        return state.repository.get(name, version)
-    except ModelNotFound as exc:
-        raise APIError(404, str(exc), "model_not_found") from None
+    return lookup(state.repository, name, version)
 
 
 async def known_query(request: Request) -> None:

@@ -47,7 +47,7 @@ from .budget import Reservation
 from .errors import APIError, ClientGone
 from .images import ImageError
 from .memory import release_soon
-from .repository import ModelNotFound, ServedModel
+from .repository import ModelNotFound, Repository, ServedModel
 from .state import State
 
 # A request body this large leaves enough freed heap behind to be worth handing back at once.
@@ -113,6 +113,15 @@ class Found:
         return self.detections.select(self.width, self.height, query.threshold, query.limit, query.keep)
 
 
+def lookup(repository: Repository, name: str | None, version: int | str | None = None) -> ServedModel:
+    """A model by name (default: the default model) and version (default: its highest), as
+    every route looks it up: 404 ``model_not_found`` for a name or version not served."""
+    try:
+        return repository.get(name, version)
+    except ModelNotFound as exc:
+        raise APIError(404, str(exc), "model_not_found") from None
+
+
 def refusal(exc: Exception) -> APIError:
     """The 503 or 504 for a request the batcher refused or dropped."""
     if isinstance(exc, Refused):
@@ -156,10 +165,10 @@ class Call:
         if self._lookup is not None:
             raise self._lookup
         try:
-            model = self.state.repository.get(name, version)
-        except ModelNotFound as exc:
-            self._lookup = APIError(404, str(exc), "model_not_found")
-            raise self._lookup from None
+            model = lookup(self.state.repository, name, version)
+        except APIError as exc:
+            self._lookup = exc
+            raise
         self.label = model.name  # a name the repository serves: a bounded label set
         if model.detector is None:
             why = f": {model.error}" if model.error else " yet"

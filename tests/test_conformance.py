@@ -30,6 +30,7 @@ from live import free_port
 from PIL import Image
 from test_service import encode, metric, run, scene
 
+from bench.loadgen import grpc_status
 from service.app import create_app
 from service.oip.proto import open_inference_grpc_pb2 as pb
 from service.oip.proto import open_inference_grpc_pb2_grpc as pb_grpc
@@ -39,15 +40,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo.onnx"
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "detector.json"
-# gRPC's codes as the HTTP statuses of the contract's table (shared/design.md, OIP section).
-STATUS = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 413,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.CANCELLED: 499,
-}
 
 
 @dataclass
@@ -135,7 +127,7 @@ class OipGrpc(Transport):
         try:
             response = await self.stub.ModelInfer(request, timeout=30)
         except grpc.aio.AioRpcError as exc:
-            return Reply(STATUS.get(exc.code(), 500), exc.details() or "")
+            return Reply(grpc_status(exc.code()), exc.details() or "")
         counts = np.frombuffer(response.raw_output_contents[0], np.int64).tolist()
         return Reply(200, "", (response.model_name, response.model_version), None, counts)
 

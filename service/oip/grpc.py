@@ -34,8 +34,7 @@ import numpy as np
 
 from ..accounting import NO_MODEL, Outcome
 from ..errors import APIError, client_gone
-from ..pipeline import Call
-from ..repository import ModelNotFound
+from ..pipeline import Call, lookup
 from ..state import State
 from .proto import open_inference_grpc_pb2 as pb
 from .proto import open_inference_grpc_pb2_grpc as pb_grpc
@@ -99,10 +98,7 @@ def _parameters(fields: Any) -> dict[str, Any]:
 
 
 def _served(state: State, name: str, version: str) -> Any:
-    try:
-        return state.repository.get(name, version or None)
-    except ModelNotFound as exc:
-        raise APIError(404, str(exc), "model_not_found") from None
+    return lookup(state.repository, name, version or None)
 
 
 def _tensors(request: pb.ModelInferRequest) -> list[Tensor]:
