@@ -10,9 +10,11 @@ would wait for the next batch), after its oldest image was queued.
 
 **Deadlines decide admission.** Every request carries its deadline (its arrival plus its timeout).
 The batcher knows how long a batch of each size takes on the current model (measured at
-warm-up by the runtime, then a moving average over the batches run: ``BatchTimes``), so it can
-tell when a newcomer would finish: after the batch running now, then the images ahead of it (queued
-or being decoded) in full batches, then its own, after its decoding (the caller's ``lead_s``).
+warm-up by the runtime, then a moving average over the batches run: ``BatchTimes``) and how many
+times that the batches take now on a slower or busier CPU (``Pace``, learnt from the first
+batch that shows it), so it can tell when a newcomer would finish: after the batch running now,
+then the images ahead of it (queued, being decoded, or for a body still being read, let in at the
+door: ``Stage``) in full batches, then its own, after its decoding (the caller's ``lead_s``).
 ``admit`` refuses a request whose estimate is past its deadline, with about a batch to spare
 (``Overloaded``, with the estimated drain time for ``Retry-After``) before any work is spent on
 it, and counts its images in the queue from then on. ``max_queue_size`` is only a memory bound,
@@ -31,6 +33,7 @@ results come back in the request's order whatever the batching.
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import time
@@ -52,6 +55,14 @@ log = logging.getLogger(__name__)
 # while nothing teaches it (Batcher.lateness).
 LATENESS_HOLD = 1.0
 LATENESS_HALF_LIFE = 1.0
+
+
+class Stage(enum.IntEnum):
+    """Where a request stands when admission estimates it: what is ahead of it (``Batcher._ahead``)."""
+
+    QUEUED = 0  # its images join the queue now
+    ADMITTED = 1  # admitted, its images to be decoded
+    DOOR = 2  # let in at the door, its body still to be read
 
 
 class Refused(Exception):
@@ -116,6 +127,30 @@ class BatchTimes:
         return full * self.of(max_batch) + self.of(rest)
 
 
+class Pace:
+    """How many times longer than their batch times (``BatchTimes``) batches take now. On a
+    slower or busier CPU than the warm-up's, a batch's inference shares the cores with decoding,
+    HTTP and other processes: at the start of a burst on one core beside a CPU-bound process,
+    batches of 8 took 0.5-0.6 s against the warm-up's 0.2, and the batch times' moving average
+    took 5 batches to come within 25% of it, while admission let in work on the old figure that
+    later missed its deadlines (504s). A slower pace is taken at once, from the batch that
+    showed it or from the running batch while it overruns (admission must not admit on a stale,
+    faster one); a quicker one is eased into, half way per batch. Never below 1: the batch
+    times learn a faster CPU by themselves."""
+
+    def __init__(self) -> None:
+        self.factor = 1.0
+
+    def reset(self) -> None:
+        self.factor = 1.0
+
+    def learn(self, ratio: float) -> None:
+        """A batch took ``ratio`` times its batch time (before the batch times learnt from it:
+        they move a fifth of the way, so the estimate for that size errs long for a few batches,
+        the safe side, where against the moved time every other size would err short)."""
+        self.factor = max(1.0, ratio if ratio > self.factor else 0.5 * (self.factor + ratio))
+
+
 @dataclass
 class _Item:
     pixels: np.ndarray  # uint8 [H, W, 3]
@@ -131,7 +166,11 @@ class Ticket:
         self._batcher = batcher
         self.count = count
         self.deadline = deadline
-        self.estimate = estimate  # when the batch times alone expected it done (the batcher's clock)
+        # When it was expected done without the learnt lateness (the batcher's clock): at
+        # admission, then again when its images join the queue (``submit``), so that the
+        # lateness learnt from it is that of the latest estimate, not of one made before its
+        # decoding on what the pace was then.
+        self.estimate = estimate
         self.pending = count  # admitted images not yet submitted
 
     def done(self) -> None:
@@ -154,7 +193,9 @@ class Ticket:
             raise ValueError(f"{len(images)} images submitted on a ticket for {self.pending}")
         self.pending -= len(images)
         self._batcher._reserved -= len(images)
-        return self._batcher._enqueue(images, self.deadline)
+        futures = self._batcher._enqueue(images, self.deadline)
+        self.estimate = self._batcher.clock() + self._batcher._drain_seconds(stage=Stage.QUEUED)
+        return futures
 
 
 class Batcher:
@@ -179,7 +220,8 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._reserved = 0  # images admitted and not yet submitted (being decoded)
         self._unread = 0  # requests let in at the door whose bodies are being read (``hold``)
-        self._busy_until: float | None = None  # estimated end of the batch running now
+        self._pace = Pace()
+        self._running: tuple[float, float] | None = None  # the running batch: (start, batch time)
         self._lateness = 0.0  # how late estimates have recently been (see _learn)
         self._learnt_at = 0.0
         self._decode_s = 0.0  # the latest admitted request's expected decoding time (its lead_s)
@@ -198,27 +240,51 @@ class Batcher:
         """A newly loaded model and its warm-up's seconds per batch size (the runtime's hook)."""
         self._timed = detector
         self.times.reset(seconds)
+        self._pace.reset()  # the warm-up ran on the CPU as it is now
 
     # --- Estimates and admission ------------------------------------------------------------
 
-    def _ahead(self, unread: bool) -> int:
-        """Images ahead of a newcomer: queued, being decoded and, for a request whose own body
-        is still to be read (``unread``), one for each request let in at the door before it. A
-        request with its images in hand is ahead of those: it will queue before them."""
-        return len(self._queue) + self._reserved + (self._unread if unread else 0)
+    def _ahead(self, stage: Stage) -> int:
+        """Images ahead of a newcomer at ``stage``: queued; for one still to be decoded, also
+        the images admitted before it and being decoded; for one whose body is still to be
+        read, also one for each request let in at the door before it. Images in hand join the
+        queue ahead of everything still being decoded or read."""
+        ahead = len(self._queue)
+        if stage >= Stage.ADMITTED:
+            ahead += self._reserved
+        if stage >= Stage.DOOR:
+            ahead += self._unread
+        return ahead
 
-    def _drain_seconds(self, extra: int = 0, unread: bool = True) -> float:
+    def pace(self) -> float:
+        """How many times their batch times batches take now: the learnt pace, or the running
+        batch's, if it has already overrun by more."""
+        factor = self._pace.factor
+        if self._running is not None:
+            started, expected = self._running
+            if expected > 0:
+                factor = max(factor, (self.clock() - started) / expected)
+        return factor
+
+    def batch_seconds(self, size: int) -> float:
+        """One batch of ``size`` now: its batch time at the current pace."""
+        return self.times.of(size) * self.pace()
+
+    def _drain_seconds(self, extra: int = 0, stage: Stage = Stage.DOOR) -> float:
         """Seconds from now until the running batch, the images ahead (``_ahead``) and ``extra``
-        more images have run."""
-        now = self.clock()
-        running = max(0.0, self._busy_until - now) if self._busy_until is not None else 0.0
-        return running + self.times.drain(self._ahead(unread) + extra, self.max_batch_size)
+        more images have run, at the current pace."""
+        pace = self.pace()
+        running = 0.0
+        if self._running is not None:
+            started, expected = self._running
+            running = max(0.0, started + expected * pace - self.clock())
+        return running + self.times.drain(self._ahead(stage) + extra, self.max_batch_size) * pace
 
-    def estimated_completion(self, count: int, unread: bool = True) -> float:
-        """When ``count`` images admitted now would be done (the clock's time): from the batch
-        times, plus how late such estimates have recently been (HTTP, JSON and the event loop's
-        own delays are in no batch time). ``unread``: the request's body is still to be read."""
-        return self.clock() + self._drain_seconds(count, unread) + self.lateness()
+    def estimated_completion(self, count: int, stage: Stage = Stage.DOOR) -> float:
+        """When ``count`` images admitted now at ``stage`` would be done (the clock's time): from
+        the batch times at the current pace, plus how late such estimates have recently been
+        (the event loop's own delays are in no batch time)."""
+        return self.clock() + self._drain_seconds(count, stage) + self.lateness()
 
     def lateness(self) -> float:
         """The learnt lateness; once nothing has taught it for LATENESS_HOLD seconds, halved for
@@ -229,9 +295,9 @@ class Batcher:
         return self._lateness * 0.5 ** (idle / LATENESS_HALF_LIFE) if idle > 0 else self._lateness
 
     def _learn(self, late: float) -> None:
-        # A moving average of how much later than the batch times alone predicted admitted
-        # requests finished (never below 0: an early finish only means there was room). It is
-        # learnt from the raw estimate, not the corrected one, so it cannot feed on itself.
+        # A moving average of how much later than estimated without it admitted requests
+        # finished (never below 0: an early finish only means there was room). It is learnt
+        # from the raw estimate, not the corrected one, so it cannot feed on itself.
         self._lateness = max(0.0, 0.9 * self.lateness() + 0.1 * late)
         self._learnt_at = self.clock()
 
@@ -239,26 +305,25 @@ class Batcher:
         """Whole seconds until the work ahead has drained: at least 1."""
         return max(1, math.ceil(self._drain_seconds()))
 
-    def check(self, count: int, deadline: float, lead_s: float = 0.0, unread: bool = True) -> None:
-        """Would ``count`` images admitted now, queued after ``lead_s`` (their decoding), make
-        ``deadline``? Raises Overloaded, QueueFull or ShuttingDown; reserves nothing. ``unread``:
-        the request's body is still to be read (the door), so every request let in before it is
-        ahead of it."""
+    def check(self, count: int, deadline: float, lead_s: float = 0.0, stage: Stage = Stage.DOOR) -> None:
+        """Would ``count`` images admitted now at ``stage``, queued after ``lead_s`` (their
+        decoding), make ``deadline``? Raises Overloaded, QueueFull or ShuttingDown; reserves
+        nothing."""
         if self._stopping:
             raise ShuttingDown("the service is shutting down")
-        ahead = self._ahead(unread)
+        ahead = self._ahead(stage)
         if ahead + count > self.max_queue_size:
             raise QueueFull(
                 f"{ahead} images queued or decoding, limit {self.max_queue_size}", self.retry_after()
             )
-        finish = self.estimated_completion(count, unread) + lead_s
+        finish = self.estimated_completion(count, stage) + lead_s
         # The estimate is good to about a batch (which batch the images join, the running one's
         # end, their decoding): admit with that much to spare, but never more than a quarter of
         # the time left, so that a short deadline on an idle service is still taken. Without
         # it, under overload every admitted request was due just at its deadline and a third of
         # them missed it (504s).
         now = self.clock()
-        slack = min(self.times.of(self.max_batch_size), 0.25 * max(0.0, deadline - now))
+        slack = min(self.batch_seconds(self.max_batch_size), 0.25 * max(0.0, deadline - now))
         if finish + slack > deadline:
             raise Overloaded(
                 f"{ahead} images ahead: the request would finish in about "
@@ -279,9 +344,9 @@ class Batcher:
         if held is not None:
             self._unread -= held.pending
             held.pending = 0
-        self.check(count, deadline, lead_s, unread=False)
+        self.check(count, deadline, lead_s, Stage.ADMITTED)
         self._decode_s = lead_s
-        raw = self.clock() + self._drain_seconds(count, unread=False) + lead_s  # without the lateness
+        raw = self.clock() + self._drain_seconds(count, Stage.ADMITTED) + lead_s  # without the lateness
         ticket = Ticket(self, count, deadline, raw)
         self._reserved += count
         try:
@@ -309,8 +374,10 @@ class Batcher:
     def _enqueue(self, images: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Detections]]:
         if self._stopping:
             raise ShuttingDown("the service is shutting down")
-        # The images ahead plus these, from now: past the deadline, no point in queueing them.
-        if self.times and self.estimated_completion(len(images), unread=False) > deadline:
+        # The queue plus these, from now: past the deadline, no point in queueing them. (Images
+        # still being decoded are not ahead of these: counted, they dropped requests that would
+        # have made their deadlines, on one core 16-54 of 600 in a 10x overload.)
+        if self.times and self.estimated_completion(len(images), Stage.QUEUED) > deadline:
             raise DeadlineExceeded("the request would finish past its deadline: dropped before inference")
         loop = asyncio.get_running_loop()
         now = self.clock()
@@ -325,7 +392,7 @@ class Batcher:
 
     def submit(self, images: Sequence[np.ndarray], deadline: float) -> list[asyncio.Future[Detections]]:
         """Admit and queue in one step (for callers with decoded images in hand)."""
-        self.check(len(images), deadline, unread=False)
+        self.check(len(images), deadline, stage=Stage.QUEUED)
         return self._enqueue(images, deadline)
 
     # --- The loop ----------------------------------------------------------------------------
@@ -367,7 +434,7 @@ class Batcher:
             # at 8 clients, one image in ten a batch late; with a full batch's time they are
             # full and p99 fell from 122-132 to 95-107 ms, images/s no lower at 2 to 32 clients
             # (A/B, docs/benchmarks.md "Scheduling").
-            wait = max(self.max_delay, self._decode_s, self.times.of(self.max_batch_size))
+            wait = max(self.max_delay, self._decode_s, self.batch_seconds(self.max_batch_size))
             remaining = self._queue[0].enqueued + wait - self.clock()
             if remaining <= 0:
                 return
@@ -381,6 +448,7 @@ class Batcher:
         """The next batch: live images from the head of the queue, as many as fit the batch size
         and the deadlines of those taken."""
         now = self.clock()
+        pace = self.pace()
         batch: list[_Item] = []
         due = math.inf  # the earliest deadline in the batch
         while self._queue and len(batch) < self.max_batch_size:
@@ -388,12 +456,12 @@ class Batcher:
             if item.future.done():  # cancelled: the client went away (the request counts it)
                 self._queue.popleft()
                 continue
-            if now + self.times.of(1) > item.deadline:  # cannot make it even alone
+            if now + self.times.of(1) * pace > item.deadline:  # cannot make it even alone
                 self._queue.popleft()
                 item.future.set_exception(DeadlineExceeded("the request's deadline passed in the queue"))
                 continue
             # One more image must not make the batch miss a deadline it would keep without it.
-            if batch and now + self.times.of(len(batch) + 1) > min(due, item.deadline):
+            if batch and now + self.times.of(len(batch) + 1) * pace > min(due, item.deadline):
                 break
             self._queue.popleft()
             batch.append(item)
@@ -422,7 +490,7 @@ class Batcher:
                 continue
             pixels = np.stack([item.pixels for item in batch])
             started = time.perf_counter()
-            self._busy_until = self.clock() + self.times.of(len(batch))
+            self._running = (self.clock(), self.times.of(len(batch)))
             try:
                 results = await loop.run_in_executor(self._executor, detector.detect, pixels)
             except Exception as exc:
@@ -432,10 +500,13 @@ class Batcher:
                         item.future.set_exception(exc)
                 continue
             finally:
-                self._busy_until = None
+                self._running = None
             elapsed = time.perf_counter() - started
             self.metrics.inference.observe(elapsed)
             if detector is self._timed:  # not a batch of the model a reload just replaced
+                expected = self.times.of(len(batch))
+                if expected > 0:
+                    self._pace.learn(elapsed / expected)
                 self.times.record(len(batch), elapsed)
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batches.inc()

@@ -18,6 +18,7 @@ from service.batcher import (
     Overloaded,
     QueueFull,
     ShuttingDown,
+    Stage,
 )
 from service.metrics import Metrics
 
@@ -352,7 +353,7 @@ def test_the_door_holds_a_place_that_the_request_s_real_count_replaces():
                     batcher.check(1, due)
                 # A request whose body is in is ahead of those still reading theirs: its three
                 # images replace its held place, and the other bodies do not count against it.
-                assert batcher.estimated_completion(3, unread=False) == pytest.approx(clock.now + 0.15)
+                assert batcher.estimated_completion(3, Stage.ADMITTED) == pytest.approx(clock.now + 0.15)
                 async with batcher.admit(3, due, held=first) as ticket:
                     assert first.pending == 0 and ticket.pending == 3
                     # A newcomer at the door: 3 decoding and 5 unread ahead of it, then itself.
@@ -380,5 +381,73 @@ def test_requests_that_expire_teach_how_late_the_estimates_are():
         assert batcher.lateness() == pytest.approx(0.25, abs=0.02)
         with pytest.raises(Overloaded):  # while that is remembered, 300 ms is out of reach
             batcher.check(1, clock.now + 0.3)
+
+    asyncio.run(go())
+
+
+def test_a_slower_cpu_is_learnt_from_the_batch_that_shows_it():
+    """On a CPU busier than the warm-up's, admission must not go on admitting on the warm-up's
+    batch times: the first batch that runs slower (or the running one, while it overruns) sets
+    the pace of every estimate; a quicker pace afterwards is eased into."""
+
+    async def go():
+        fake = FakeDetector(seconds=0.2)  # four times the warm-up's 0.05 s per batch
+        batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=4, max_queue_delay_s=0)
+        batcher.calibrate(fake, {n: 0.05 for n in range(1, 5)})  # type: ignore[arg-type]
+        assert batcher.pace() == 1.0
+        batcher.start()
+        (first,) = batcher.submit([image(0)], far())
+        await asyncio.sleep(0.12)  # the batch has run 2.4 times its batch time, and goes on
+        assert batcher.pace() > 2.0
+        assert batcher.batch_seconds(4) == pytest.approx(0.05 * batcher.pace(), rel=0.05)
+        await first
+        assert batcher.pace() == pytest.approx(4.0, rel=0.2)  # learnt from that one batch
+        # 12 images queued would drain in 3 batches of 0.2 s, not 3 x 0.05.
+        t0 = time.monotonic()
+        async with batcher.admit(12, far()):
+            assert batcher.estimated_completion(0, Stage.ADMITTED) - t0 == pytest.approx(0.6, rel=0.2)
+            with pytest.raises(Overloaded):
+                batcher.check(1, time.monotonic() + 0.3)  # 0.3 s held on the warm-up's pace
+        fake.seconds = 0.05  # the CPU is free again: the pace comes down, half way per batch
+        paces = []
+        for _ in range(4):
+            await asyncio.gather(*batcher.submit([image(0)], far()))
+            paces.append(batcher.pace())
+        assert paces == sorted(paces, reverse=True) and paces[-1] < 1.5
+        await batcher.stop(1)
+
+    asyncio.run(go())
+
+
+def test_images_in_hand_queue_ahead_of_those_still_being_decoded():
+    """The drop before queueing counts the queue ahead, not images admitted and still decoding
+    (they will queue behind): counted, a burst on one core dropped requests (504) that made
+    their deadlines once queued."""
+
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        # Two requests admitted; the second's 40 images (ten batches) are still being decoded.
+        async with batcher.admit(1, clock.now + 0.2) as quick, batcher.admit(40, clock.now + 60):
+            quick.submit([image(0)])  # due in 0.2 s, queued: only itself ahead of it
+            assert len(batcher) == 1
+            # A newcomer to be decoded is behind both.
+            assert batcher.estimated_completion(1, Stage.ADMITTED) == pytest.approx(clock.now + 1.1)
+
+    asyncio.run(go())
+
+
+def test_the_lateness_is_learnt_against_the_estimate_made_when_the_images_queued():
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        async with batcher.admit(1, clock.now + 10) as ticket:
+            clock.now += 1.0  # decoding took a second: the admission's estimate is stale
+            ticket.submit([image(0)])
+        clock.now += 0.05  # answered when the estimate made at queueing said
+        ticket.done()
+        assert batcher.lateness() == 0.0
 
     asyncio.run(go())
