@@ -46,15 +46,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .artifact import Detections, Detector
+from .estimates import BatchTimes, Lateness, Pace
 from .metrics import ModelMetrics
 
 log = logging.getLogger(__name__)
-
-
-# The learnt lateness holds this long after it was last learnt, then halves every half-life
-# while nothing teaches it (Batcher.lateness).
-LATENESS_HOLD = 1.0
-LATENESS_HALF_LIFE = 1.0
 
 
 class Stage(enum.IntEnum):
@@ -89,68 +84,6 @@ class ShuttingDown(Exception):
     pass
 
 
-class BatchTimes:
-    """Seconds per batch size on the current model: the warm-up's measurements, then a moving
-    average over the batches run."""
-
-    def __init__(self) -> None:
-        self._seconds: dict[int, float] = {}
-
-    def reset(self, seconds: dict[int, float]) -> None:
-        self._seconds = dict(seconds)
-
-    def record(self, size: int, seconds: float) -> None:
-        old = self._seconds.get(size)
-        self._seconds[size] = seconds if old is None else 0.8 * old + 0.2 * seconds
-
-    def __bool__(self) -> bool:
-        return bool(self._seconds)
-
-    def of(self, size: int) -> float:
-        """One batch of ``size`` (0 when nothing is measured yet: admission cannot refuse)."""
-        times = self._seconds
-        if size <= 0 or not times:
-            return 0.0
-        if size in times:
-            return times[size]
-        # Unmeasured: from the nearest smaller size, linearly (batching is sublinear, so this errs
-        # on the long side), or for a size below every measured one, the smallest's time.
-        below = [k for k in times if k < size]
-        if below:
-            k = max(below)
-            return times[k] * size / k
-        return times[min(times)]
-
-    def drain(self, images: int, max_batch: int) -> float:
-        """Running ``images`` queued images: full batches, then the rest."""
-        full, rest = divmod(max(images, 0), max_batch)
-        return full * self.of(max_batch) + self.of(rest)
-
-
-class Pace:
-    """How many times longer than their batch times (``BatchTimes``) batches take now. On a
-    slower or busier CPU than the warm-up's, a batch's inference shares the cores with decoding,
-    HTTP and other processes: at the start of a burst on one core beside a CPU-bound process,
-    batches of 8 took 0.5-0.6 s against the warm-up's 0.2, and the batch times' moving average
-    took 5 batches to come within 25% of it, while admission let in work on the old figure that
-    later missed its deadlines (504s). A slower pace is taken at once, from the batch that
-    showed it or from the running batch while it overruns (admission must not admit on a stale,
-    faster one); a quicker one is eased into, half way per batch. Never below 1: the batch
-    times learn a faster CPU by themselves."""
-
-    def __init__(self) -> None:
-        self.factor = 1.0
-
-    def reset(self) -> None:
-        self.factor = 1.0
-
-    def learn(self, ratio: float) -> None:
-        """A batch took ``ratio`` times its batch time (before the batch times learnt from it:
-        they move a fifth of the way, so the estimate for that size errs long for a few batches,
-        the safe side, where against the moved time every other size would err short)."""
-        self.factor = max(1.0, ratio if ratio > self.factor else 0.5 * (self.factor + ratio))
-
-
 @dataclass
 class _Item:
     pixels: np.ndarray  # uint8 [H, W, 3]
@@ -175,7 +108,7 @@ class Ticket:
 
     def done(self) -> None:
         """The request's images have all been answered: how late the estimate was, learnt."""
-        self._batcher._learn(self._batcher.clock() - self.estimate)
+        self._batcher._lateness.learn(self._batcher.clock() - self.estimate)
 
     def abandoned(self) -> None:
         """The request stopped unanswered (its deadline, its client gone): if the estimate has
@@ -184,7 +117,7 @@ class Ticket:
         expired while the lateness learnt from the tenth kept admitting more of them."""
         late = self._batcher.clock() - self.estimate
         if late > 0:
-            self._batcher._learn(late)
+            self._batcher._lateness.learn(late)
 
     def submit(self, images: Sequence[np.ndarray]) -> list[asyncio.Future[Detections]]:
         """Queue the decoded images; their futures, in order. Raises DeadlineExceeded when they
@@ -220,10 +153,10 @@ class Batcher:
         self._queue: deque[_Item] = deque()
         self._reserved = 0  # images admitted and not yet submitted (being decoded)
         self._unread = 0  # requests let in at the door whose bodies are being read (``hold``)
-        self._pace = Pace()
-        self._running: tuple[float, float] | None = None  # the running batch: (start, batch time)
-        self._lateness = 0.0  # how late estimates have recently been (see _learn)
-        self._learnt_at = 0.0
+        self._pace = Pace(clock)
+        self._lateness = Lateness(clock)
+        # The batch running on the inference thread: (when it started there, its batch time).
+        self._running: tuple[float, float] | None = None
         self._decode_s = 0.0  # the latest admitted request's expected decoding time (its lead_s)
         self._wake = asyncio.Event()
         self._stopping = False
@@ -259,7 +192,7 @@ class Batcher:
     def pace(self) -> float:
         """How many times their batch times batches take now: the learnt pace, or the running
         batch's, if it has already overrun by more."""
-        factor = self._pace.factor
+        factor = self._pace.factor()
         if self._running is not None:
             started, expected = self._running
             if expected > 0:
@@ -287,19 +220,8 @@ class Batcher:
         return self.clock() + self._drain_seconds(count, stage) + self.lateness()
 
     def lateness(self) -> float:
-        """The learnt lateness; once nothing has taught it for LATENESS_HOLD seconds, halved for
-        every LATENESS_HALF_LIFE more. Learning needs admitted requests, so a lateness that
-        refuses every request would otherwise never be unlearnt: 64 clients retrying each 503 at
-        once with timeout_ms=300 locked a service out that way (every request refused, for good)."""
-        idle = self.clock() - self._learnt_at - LATENESS_HOLD
-        return self._lateness * 0.5 ** (idle / LATENESS_HALF_LIFE) if idle > 0 else self._lateness
-
-    def _learn(self, late: float) -> None:
-        # A moving average of how much later than estimated without it admitted requests
-        # finished (never below 0: an early finish only means there was room). It is learnt
-        # from the raw estimate, not the corrected one, so it cannot feed on itself.
-        self._lateness = max(0.0, 0.9 * self.lateness() + 0.1 * late)
-        self._learnt_at = self.clock()
+        """How late estimates at the current pace have recently been all the same."""
+        return self._lateness.seconds()
 
     def retry_after(self) -> int:
         """Whole seconds until the work ahead has drained: at least 1."""
@@ -470,6 +392,20 @@ class Batcher:
         self.metrics.queue_depth.set(len(self._queue))
         return batch
 
+    def _inference(
+        self, detector: Detector, pixels: np.ndarray, expected: float
+    ) -> tuple[list[Detections], float]:
+        """One batch, on the inference thread: its detections and how long it ran, timed from
+        when it started there. (Timed from the event loop, a batch waiting for another model's
+        on the shared thread counted that wait as its own: beside an SSD300, a model's pace went
+        to 50 and refused all of its requests.)"""
+        started = time.perf_counter()
+        self._running = (self.clock(), expected)
+        try:
+            return detector.detect(pixels), time.perf_counter() - started
+        finally:
+            self._running = None
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -489,22 +425,19 @@ class Batcher:
                     item.future.set_exception(ShuttingDown("no model is loaded"))
                 continue
             pixels = np.stack([item.pixels for item in batch])
-            started = time.perf_counter()
-            self._running = (self.clock(), self.times.of(len(batch)))
+            expected = self.times.of(len(batch))
             try:
-                results = await loop.run_in_executor(self._executor, detector.detect, pixels)
+                results, elapsed = await loop.run_in_executor(
+                    self._executor, self._inference, detector, pixels, expected
+                )
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(batch))
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            finally:
-                self._running = None
-            elapsed = time.perf_counter() - started
             self.metrics.inference.observe(elapsed)
             if detector is self._timed:  # not a batch of the model a reload just replaced
-                expected = self.times.of(len(batch))
                 if expected > 0:
                     self._pace.learn(elapsed / expected)
                 self.times.record(len(batch), elapsed)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -91,3 +93,22 @@ def set_regime(model: nn.Module, regime: str, seed: int = 0) -> nn.Module:
             bias[1, 1] = -40.0  # 4 box heights up
             bias[2, 2:] = 30.0  # scale exp(6), past the decoding clamp at exp(log(1000/16))
     return model
+
+
+class Slow:
+    """A detector that takes ``seconds`` more per batch (the batcher's estimates do not learn
+    it: it is not the model they were measured on)."""
+
+    def __init__(self, detector, seconds: float) -> None:
+        self._detector, self.seconds = detector, seconds
+
+    def __getattr__(self, name: str):
+        return getattr(self._detector, name)
+
+    def detect(self, pixels):
+        time.sleep(self.seconds)
+        return self._detector.detect(pixels)
+
+
+def slow_down(model, seconds: float) -> None:
+    model.runtime.detector = Slow(model.runtime.detector, seconds)

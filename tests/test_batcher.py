@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from service.artifact import Detections
 from service.batcher import (
-    LATENESS_HALF_LIFE,
-    LATENESS_HOLD,
     Batcher,
     DeadlineExceeded,
     Overloaded,
@@ -20,6 +19,7 @@ from service.batcher import (
     ShuttingDown,
     Stage,
 )
+from service.estimates import FORGET_AFTER_S, FORGET_HALF_LIFE_S
 from service.metrics import Metrics
 
 
@@ -271,10 +271,11 @@ def test_a_learnt_lateness_that_refuses_everything_wears_off():
         with pytest.raises(Overloaded):  # 300 ms is out of reach while that is remembered
             batcher.check(1, clock.now + 0.3)
         # Nothing admitted, nothing learnt: after a while the lateness halves by itself.
-        clock.now += LATENESS_HOLD
-        assert batcher.lateness() == batcher._lateness
-        clock.now += 4 * LATENESS_HALF_LIFE
-        assert batcher.lateness() == pytest.approx(batcher._lateness / 16)
+        learnt = batcher.lateness()
+        clock.now += FORGET_AFTER_S
+        assert batcher.lateness() == learnt
+        clock.now += 4 * FORGET_HALF_LIFE_S
+        assert batcher.lateness() == pytest.approx(learnt / 16)
         batcher.check(1, clock.now + 0.3)
 
     asyncio.run(go())
@@ -391,29 +392,31 @@ def test_a_slower_cpu_is_learnt_from_the_batch_that_shows_it():
     the pace of every estimate; a quicker pace afterwards is eased into."""
 
     async def go():
-        fake = FakeDetector(seconds=0.2)  # four times the warm-up's 0.05 s per batch
+        # Ten times the warm-up's 0.05 s per batch. (Margins for a slow or busy machine: every
+        # bound below holds whether or not the batch is still running when it is checked.)
+        fake = FakeDetector(seconds=0.5)
         batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=4, max_queue_delay_s=0)
         batcher.calibrate(fake, {n: 0.05 for n in range(1, 5)})  # type: ignore[arg-type]
         assert batcher.pace() == 1.0
         batcher.start()
         (first,) = batcher.submit([image(0)], far())
-        await asyncio.sleep(0.12)  # the batch has run 2.4 times its batch time, and goes on
-        assert batcher.pace() > 2.0
-        assert batcher.batch_seconds(4) == pytest.approx(0.05 * batcher.pace(), rel=0.05)
+        await asyncio.sleep(0.2)  # the batch has run at least 4 times its batch time
+        pace = batcher.pace()
+        assert pace > 3.0 and batcher.batch_seconds(4) >= 0.05 * pace
         await first
-        assert batcher.pace() == pytest.approx(4.0, rel=0.2)  # learnt from that one batch
-        # 12 images queued would drain in 3 batches of 0.2 s, not 3 x 0.05.
+        assert batcher.pace() >= 0.99 * 10  # learnt from that one batch
+        # 12 images queued would drain in 3 batches of 0.5 s, not 3 x 0.05.
         t0 = time.monotonic()
         async with batcher.admit(12, far()):
-            assert batcher.estimated_completion(0, Stage.ADMITTED) - t0 == pytest.approx(0.6, rel=0.2)
+            assert batcher.estimated_completion(0, Stage.ADMITTED) - t0 >= 0.99 * 1.5
             with pytest.raises(Overloaded):
-                batcher.check(1, time.monotonic() + 0.3)  # 0.3 s held on the warm-up's pace
-        fake.seconds = 0.05  # the CPU is free again: the pace comes down, half way per batch
+                batcher.check(1, time.monotonic() + 1.0)  # a second held on the warm-up's pace
+        fake.seconds = 0.01  # the CPU is free again: the pace comes down, half way per batch
         paces = []
-        for _ in range(4):
+        for _ in range(5):
             await asyncio.gather(*batcher.submit([image(0)], far()))
             paces.append(batcher.pace())
-        assert paces == sorted(paces, reverse=True) and paces[-1] < 1.5
+        assert paces == sorted(paces, reverse=True) and paces[0] < 6 and paces[-1] < 1.5
         await batcher.stop(1)
 
     asyncio.run(go())
@@ -449,5 +452,51 @@ def test_the_lateness_is_learnt_against_the_estimate_made_when_the_images_queued
         clock.now += 0.05  # answered when the estimate made at queueing said
         ticket.done()
         assert batcher.lateness() == 0.0
+
+    asyncio.run(go())
+
+
+def test_a_pace_that_refuses_everything_wears_off():
+    """Beside a bigger model on the shared inference thread, or after a stall, a pace can be
+    learnt that refuses every request; with nothing run, nothing would unlearn it."""
+
+    async def go():
+        clock = Clock()
+        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
+        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        batcher._pace.learn(50.0)  # a batch took 50 times its batch time
+        with pytest.raises(Overloaded):
+            batcher.check(1, clock.now + 1.0)  # 2.5 s at that pace
+        clock.now += FORGET_AFTER_S
+        assert batcher.pace() == 50.0
+        clock.now += 6 * FORGET_HALF_LIFE_S
+        assert batcher.pace() == pytest.approx(1 + 49 / 64)
+        batcher.check(1, clock.now + 1.0)
+        batcher._pace.learn(1.0)  # and learning goes on from where it has faded to
+        assert batcher.pace() == pytest.approx(1 + 49 / 128)
+
+    asyncio.run(go())
+
+
+def test_a_batch_waiting_for_the_shared_inference_thread_is_not_timed_as_slow():
+    """Models of a repository share one inference thread: a batch queued behind another model's
+    is timed from when it runs, so its pace stays the model's own."""
+
+    async def go():
+        executor = ThreadPoolExecutor(max_workers=1)
+        big, small = FakeDetector(seconds=0.3), FakeDetector(seconds=0.0)
+        slow = Batcher(lambda: big, Metrics().of("big"), max_batch_size=1, executor=executor)
+        quick = Batcher(lambda: small, Metrics().of("small"), max_batch_size=1, executor=executor)
+        slow.calibrate(big, {1: 0.3})  # type: ignore[arg-type]
+        quick.calibrate(small, {1: 0.01})  # type: ignore[arg-type]
+        slow.start()
+        quick.start()
+        first = slow.submit([image(0)], far())
+        await asyncio.sleep(0.05)  # the big model's batch holds the thread
+        await asyncio.gather(*quick.submit([image(0)], far()), *first)
+        assert quick.pace() < 5  # waited 0.25 s for the thread: 25 times its batch time
+        await slow.stop(1)
+        await quick.stop(1)
+        executor.shutdown()
 
     asyncio.run(go())

@@ -26,6 +26,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from helpers import slow_down
 from live import free_port
 from PIL import Image
 from test_service import encode, metric, run, scene
@@ -181,25 +182,6 @@ def repository(tmp_path_factory, served_artifact) -> Path:
 
 
 IMAGE = encode(scene(320, 320, seed=12))
-
-
-class Slow:
-    """A detector that takes ``seconds`` more per batch (the batcher's estimates do not learn
-    it: it is not the model they were measured on)."""
-
-    def __init__(self, detector, seconds: float) -> None:
-        self._detector, self.seconds = detector, seconds
-
-    def __getattr__(self, name: str):
-        return getattr(self._detector, name)
-
-    def detect(self, pixels):
-        time.sleep(self.seconds)
-        return self._detector.detect(pixels)
-
-
-def slow_down(model, seconds: float) -> None:
-    model.runtime.detector = Slow(model.runtime.detector, seconds)
 
 
 # --- Identity and metrics -----------------------------------------------------------------------

@@ -18,14 +18,15 @@ def refused(code: str, message: str, seconds: float) -> Outcome:
 
 def test_refusals_are_logged_as_a_count_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
-        log = RefusalLog(every_s=0.05)
+        # Lines at 0.5 s (the storm's count), 1.0 s (the late one's) and none at 1.5 s; each
+        # step below is a quarter interval away from them, for a slow or busy machine.
+        log = RefusalLog(every_s=0.5)
         log.add(refused("overloaded", "the request would finish too late", 0.0004), "r1")
         for n in range(500):  # a storm: one line would be written for each
             log.add(refused("queue_full" if n % 5 == 0 else "overloaded", "...", 0.0003), f"r{n}")
-        await asyncio.sleep(0.08)
+        await asyncio.sleep(0.75)
         log.add(refused("overloaded", "...", 0.0003), "late")  # still refusing: into the next interval
-        await asyncio.sleep(0.08)
-        await asyncio.sleep(0.12)  # quiet: no more lines
+        await asyncio.sleep(1.0)  # quiet: the interval after the late one writes nothing
         log.add(refused("overloaded", "after the storm", 0.0002), "r-next")  # a line of its own again
 
     with caplog.at_level(logging.INFO, logger="service.access"):
