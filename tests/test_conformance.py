@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import struct
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
