@@ -19,7 +19,7 @@ DEMO_TRAIN = $(UV) run --frozen ssd train --model ssdlite320_mobilenet_v3_large 
 	--batch-size 16 --precise-bn 16 --workers 1 --seed 0
 
 
-.PHONY: uv install install-serving serve test test-fast tritonclient-env proto lint format bench bench-peers clean demo-model
+.PHONY: uv install install-serving serve test test-fast test-one-core test-busy tritonclient-env proto lint format bench bench-peers clean demo-model
 
 # uv itself, where it is missing.
 uv:
@@ -62,6 +62,15 @@ test: install tritonclient-env
 
 test-fast: install tritonclient-env
 	$(UV) run --frozen pytest -m "not slow"
+
+# The suite on a slower machine (docs/testing.md): on one core, or beside a CPU-bound process on
+# every core. TESTS narrows it: make test-one-core TESTS="-m timing".
+TESTS ?=
+test-one-core: install tritonclient-env
+	taskset -c 0 $(UV) run --frozen pytest $(TESTS)
+
+test-busy: install tritonclient-env
+	$(UV) run --frozen python tests/busy.py $(UV) run --frozen pytest $(TESTS)
 
 # Triton's own Python client for tests/test_tritonclient.py, in an environment of its own:
 # tritonclient[grpc] pins protobuf<7 and the project locks protobuf 7 (tests/tritonclient/).

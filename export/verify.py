@@ -19,6 +19,7 @@ thinner than the box tolerance); anything else is a mismatch.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,11 @@ class Report:
 def session(path: str | Path, providers: Sequence[str] = ("CPUExecutionProvider",)) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # As the service does (service/artifact.py usable_cores): ONNX Runtime sizes its pool by the
+    # machine's cores, not by those this process may run on (taskset, a cpuset).
+    usable = len(os.sched_getaffinity(0))
+    if usable < (os.cpu_count() or usable):
+        options.intra_op_num_threads = usable
     return ort.InferenceSession(str(path), options, providers=list(providers))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -180,6 +181,15 @@ def _parse_metadata(path: Path, meta: dict[str, str]) -> dict[str, Any]:
     return parsed
 
 
+def usable_cores() -> int | None:
+    """The cores this process may run on, where they are fewer than the machine's (taskset, a
+    container's cpuset); None otherwise (ONNX Runtime's own choice). ONNX Runtime sizes its pool
+    by the machine's cores whatever the process may use: on one core of two, a batch of 16 ran
+    1.7x slower on two threads than on one (0.38 against 0.22 s, spinning; 0.25 without)."""
+    usable = len(os.sched_getaffinity(0))
+    return usable if usable < (os.cpu_count() or usable) else None
+
+
 class Detector:
     """One ONNX Runtime session over one artifact. ``detect`` is thread-safe (ORT's ``run`` is)."""
 
@@ -199,8 +209,9 @@ class Detector:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if intra_op_threads:
-            options.intra_op_num_threads = intra_op_threads
+        threads = intra_op_threads or usable_cores()
+        if threads:
+            options.intra_op_num_threads = threads
         # Spinning threads burn the cores the HTTP side and image decoding need between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")

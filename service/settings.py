@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     # a request that does not fit waits for room until its deadline, then 503.
     request_budget_mb: int = Field(256, ge=1)
     score_threshold: float = Field(0.5, ge=0, le=1)
-    intra_op_threads: int | None = Field(None, ge=1)  # ONNX Runtime CPU threads (default: its own)
+    # ONNX Runtime CPU threads (default: its own, or the usable cores where fewer: artifact.usable_cores)
+    intra_op_threads: int | None = Field(None, ge=1)
     admin_token: SecretStr | None = None  # bearer token for POST /model/reload
     model_poll_s: float = Field(0.0, ge=0)  # watch the artifact file or folder; 0 = do not watch
     # A repository folder (NAME/VERSION/model.onnx or NAME.onnx) instead of model_path:

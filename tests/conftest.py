@@ -1,5 +1,10 @@
 from __future__ import annotations
 
+import io
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 import torch
 from torchvision.models.detection import ssdlite320_mobilenet_v3_large
@@ -39,16 +44,59 @@ def torchvision_ssd():
 
 
 @pytest.fixture(scope="session")
-def served_artifact(tmp_path_factory):
-    """A small verified artifact (SSDlite320, 6 synthetic classes, random weights with batch-norm
-    statistics from synthetic scenes, so that it detects plenty): for the service tests."""
+def lite_model():
+    """SSDlite320 for the 6 synthetic classes, random weights with batch-norm statistics from
+    synthetic scenes, so that it detects plenty."""
     from helpers import calibrated
 
-    from export.exporter import export_artifact
-    from export.sources import Source
     from model.data.synth import CLASSES
 
-    model = calibrated("ssdlite320_mobilenet_v3_large", len(CLASSES) + 1)
-    path = tmp_path_factory.mktemp("artifact") / "model.onnx"
-    export_artifact(Source(model, list(CLASSES), "test"), path)
+    return calibrated("ssdlite320_mobilenet_v3_large", len(CLASSES) + 1)
+
+
+@pytest.fixture(scope="session")
+def lite_checkpoint(lite_model, tmp_path_factory) -> Path:
+    """``lite_model`` in ``ssd train``'s checkpoint format."""
+    from model.data.synth import CLASSES
+
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    torch.save(
+        {
+            "model": lite_model.state_dict(),
+            "model_name": "ssdlite320_mobilenet_v3_large",
+            "num_classes": len(CLASSES) + 1,
+            "scale_set": None,
+            "classes": list(CLASSES),
+            "epoch": 4,
+            "metrics": {"val": {"map": 0.61, "map50": 0.93, "map75": 0.7, "voc07_map": 0.9, "per_class": {}}},
+        },
+        path,
+    )
     return path
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="session")
+def exported(lite_checkpoint, tmp_path_factory) -> Exported:
+    """``ssd export --checkpoint`` of ``lite_checkpoint``, run once for the session (an export
+    costs 10-25 s): what it wrote and printed."""
+    import cli
+
+    out = tmp_path_factory.mktemp("artifact") / "model.onnx"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.raises(SystemExit) as exit_info, redirect_stdout(stdout), redirect_stderr(stderr):
+        cli.main(["export", "--checkpoint", str(lite_checkpoint), "--out", str(out)])
+    assert exit_info.value.code == 0, stderr.getvalue()
+    return Exported(out, stdout.getvalue(), stderr.getvalue())
+
+
+@pytest.fixture(scope="session")
+def served_artifact(exported) -> Path:
+    """A small verified artifact (``lite_model``, exported): for the service tests."""
+    return exported.path

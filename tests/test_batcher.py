@@ -114,6 +114,7 @@ def test_a_batch_waits_only_for_company_known_to_be_coming():
     asyncio.run(go())
 
 
+@pytest.mark.timing
 def test_the_wait_for_decoding_company_is_as_long_as_decoding_or_a_batch_takes():
     async def go():
         fake = FakeDetector()
@@ -386,6 +387,7 @@ def test_requests_that_expire_teach_how_late_the_estimates_are():
     asyncio.run(go())
 
 
+@pytest.mark.timing
 def test_a_slower_cpu_is_learnt_from_the_batch_that_shows_it():
     """On a CPU busier than the warm-up's, admission must not go on admitting on the warm-up's
     batch times: the first batch that runs slower (or the running one, while it overruns) sets
@@ -478,6 +480,7 @@ def test_a_pace_that_refuses_everything_wears_off():
     asyncio.run(go())
 
 
+@pytest.mark.timing
 def test_a_batch_waiting_for_the_shared_inference_thread_is_not_timed_as_slow():
     """Models of a repository share one inference thread: a batch queued behind another model's
     is timed from when it runs, so its pace stays the model's own."""

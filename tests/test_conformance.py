@@ -271,6 +271,7 @@ def test_errors_map_alike_and_are_counted_once(kind, served_artifact, tmp_path):
 # --- Admission, bursts and deadlines --------------------------------------------------------------
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_a_burst_of_128_from_32_clients_is_answered_whole(kind, served_artifact):
     """An ordinary batch job with the default settings: 32 connections, 4 requests each back
@@ -290,6 +291,7 @@ def test_a_burst_of_128_from_32_clients_is_answered_whole(kind, served_artifact)
     run(go())
 
 
+@pytest.mark.timing
 def test_a_full_queue_answers_503_at_once(kind, served_artifact):
     async def go():
         async with service(kind, model_path=str(served_artifact), model_name="shapes",
@@ -325,6 +327,7 @@ def test_a_request_that_cannot_make_its_deadline_is_refused_at_the_door(kind, se
     run(go())
 
 
+@pytest.mark.timing
 def test_the_door_holds_a_place_for_each_request_it_lets_in(kind, served_artifact):
     """A burst where one image fits the deadline: the door's reservation lets one request in,
     not all of those that saw an empty queue at once; none of them is answered 504."""
@@ -344,6 +347,7 @@ def test_the_door_holds_a_place_for_each_request_it_lets_in(kind, served_artifac
     run(go())
 
 
+@pytest.mark.timing
 def test_a_deadline_that_passes_is_504_and_stops_the_work(kind, served_artifact):
     async def go():
         async with service(kind, model_path=str(served_artifact), model_name="shapes") as s:
@@ -369,6 +373,7 @@ def noise(width: int, height: int, seed: int = 0) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.timing
 def test_request_bytes_in_flight_share_one_budget(kind, served_artifact):
     """A request's bytes are held against the one budget until its answer; a request that does
     not fit waits for room, and is refused 503 when its deadline comes first; past the

@@ -16,6 +16,7 @@ def refused(code: str, message: str, seconds: float) -> Outcome:
     return Outcome("POST", "/detect", "/detect", 503, seconds, "shapes", error)
 
 
+@pytest.mark.timing
 def test_refusals_are_logged_as_a_count_per_interval(caplog: pytest.LogCaptureFixture) -> None:
     async def go() -> None:
         # Lines at 0.5 s (the storm's count), 1.0 s (the late one's) and none at 1.5 s; each

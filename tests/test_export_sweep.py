@@ -15,6 +15,10 @@ the exporter's own rule (99% of the float32 detections above 0.3 kept): a random
 meet it (its overlapping near-equal candidates are reordered by float16 rounding; 96-97%), so
 the float16 cases use heads whose scores are spread as a trained model's ("spread").
 
+Each case also holds what its variant promises beyond the comparison: a float16 artifact keeps
+its input, outputs, NMS and top K in their own types; class-agnostic NMS never gives one box two
+classes; the metadata names the NMS.
+
 The SSDlite cases run in the quick suite; the VGG and ResNet ones are marked slow.
 """
 
@@ -120,7 +124,27 @@ def _export(case: Case, tmp_path) -> tuple[dict[str, str], np.ndarray]:
             assert total > 20 and found >= 0.99 * total, case.id  # the spread heads give a real test
         else:
             assert artifact.report is not None and artifact.report.batch_sizes == [1, 2, 7, 16]
+    if case.variant == "fp16":
+        _assert_float16_inside_only(onnx.load(out))
+    assert metadata["nms"] == ("class_agnostic" if case.variant == "agnostic" else "per_class")
     return metadata, verify.run(verify.session(out), sample_images(model.input_size, 4, seed=1))
+
+
+def _assert_float16_inside_only(proto: onnx.ModelProto) -> None:
+    """The network's weights in float16; the input, the outputs, NMS and the top K in their own
+    types (uint8 in, int64 and float32 out)."""
+    graph = proto.graph
+    images = next(i for i in graph.input if i.name == "images")
+    assert images.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    assert [o.type.tensor_type.elem_type for o in graph.output] == [
+        onnx.TensorProto.INT64, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    ]  # fmt: skip
+    assert sum(i.data_type == onnx.TensorProto.FLOAT16 for i in graph.initializer) > 50
+    fp16 = {o for n in graph.node if n.op_type == "Cast" and n.attribute[0].i == onnx.TensorProto.FLOAT16
+            for o in n.output}  # fmt: skip
+    for node in graph.node:
+        if node.op_type in ("NonMaxSuppression", "TopK"):
+            assert not set(node.input) & fp16, f"{node.op_type} reads float16"
 
 
 @pytest.mark.parametrize(
@@ -136,6 +160,9 @@ def test_every_export_of_the_model_space_verifies(case, tmp_path):
         assert (got.boxes[i, n[i] :] == 0).all()
         assert (np.diff(got.scores[i, : n[i]]) <= 0).all()
         assert ((got.labels[i, : n[i]] >= 0) & (got.labels[i, : n[i]] < case.num_classes - 1)).all()
+    if case.variant == "agnostic":  # one box never carries two classes
+        for i in range(len(n)):
+            assert len(np.unique(got.boxes[i, : n[i]], axis=0)) == n[i]
     if case.regime == "empty":
         assert (n == 0).all()
     elif case.regime == "crowded" and case.num_classes > 2 and case.variant != "agnostic":

@@ -69,6 +69,7 @@ def _aftermath(target: Target) -> list[str]:
     return problems
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("case", cases(), ids=lambda c: c.name)
 def test_hostile_case(server: Target, case: Case) -> None:
     result = run_case(case, server)

@@ -161,6 +161,7 @@ def test_errors_are_status_codes(served_artifact, request_of, code, words):
     with_grpc(served_artifact, check)
 
 
+@pytest.mark.timing
 def test_deadlines_and_cancellation_stop_the_work(served_artifact):
     image = encode(scene(seed=23))
 
@@ -196,6 +197,7 @@ def _rss_mb(pid: int, field: str = "VmRSS") -> float:
     raise LookupError(field)
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
 def test_two_concurrent_largest_messages_stay_within_the_memory_bound(tmp_path):

@@ -1,10 +1,13 @@
 """The README's first Python example runs as written (the second needs torchvision's download; the
-tritonclient one runs in tests/test_tritonclient.py)."""
+tritonclient one runs in tests/test_tritonclient.py), and docs/testing.md lists the tests marked
+timing-dependent."""
 
+import ast
 import re
 from pathlib import Path
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+TESTING = README.parent / "docs" / "testing.md"
 
 
 def test_readme_example_runs():
@@ -43,3 +46,34 @@ def test_readme_curl_answer_is_the_demo_models_real_answer():
     for g, w in zip(got, want, strict=True):
         assert abs(g["score"] - w["score"]) < 1e-3
         assert max(abs(a - b) for a, b in zip(g["box"], w["box"], strict=True)) < 0.5
+
+
+def _marks_timing(decorators: list[ast.expr]) -> bool:
+    return any(ast.unparse(d) == "pytest.mark.timing" for d in decorators)
+
+
+def timing_tests() -> set[str]:
+    """``tests/FILE.py::NAME`` for each test marked timing, or ``tests/FILE.py`` for a module
+    marked whole (``pytestmark``)."""
+    marked = set()
+    for path in sorted((README.parent / "tests").glob("test_*.py")):
+        where = f"tests/{path.name}"
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Assign) and "pytestmark" in {ast.unparse(t) for t in node.targets}:
+                decorators = node.value if isinstance(node.value, ast.List) else ast.List([node.value])
+                if _marks_timing(decorators.elts):
+                    marked.add(where)
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and _marks_timing(
+                node.decorator_list
+            ):
+                marked.add(f"{where}::{node.name}")
+    return marked
+
+
+def test_the_timing_dependent_tests_are_listed_with_what_they_assume():
+    table = re.search(r"## Timing-dependent tests\n(.*?)(\n## |\Z)", TESTING.read_text(), flags=re.S)
+    assert table, "docs/testing.md has no table of timing-dependent tests"
+    rows = [line.split("|") for line in table.group(1).splitlines() if line.startswith("| tests/")]
+    listed = {cells[1].split()[0] for cells in rows}
+    assert all(len(cells) == 5 and cells[2].strip() and cells[3].strip() for cells in rows)
+    assert listed == timing_tests()

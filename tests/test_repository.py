@@ -114,6 +114,7 @@ def test_a_single_model_path_is_named_by_its_metadata_or_the_setting(served_arti
     run(go())
 
 
+@pytest.mark.timing
 def test_models_added_broken_replaced_and_removed_while_serving(tmp_path, served_artifact):
     shutil.copy(DEMO, tmp_path / "demo.onnx")
     image = encode(scene(seed=2))
@@ -181,6 +182,7 @@ async def _is(value, expected) -> bool:
     return (await value) == expected
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_the_demo_model_and_an_ssd300_export_side_by_side_under_load(tmp_path):
     """Two different artifacts (SSDlite320 with the demo's 6 classes, a random SSD300 VGG16 with 3

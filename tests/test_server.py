@@ -77,6 +77,7 @@ class Server:
         return code
 
 
+@pytest.mark.timing
 @pytest.mark.slow
 def test_served_without_torch_and_drained_on_sigterm(served_artifact, tmp_path):
     server = Server(

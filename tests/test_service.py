@@ -354,6 +354,7 @@ def test_score_threshold_is_never_below_the_artifact_floor(served_artifact, tmp_
     run(go())
 
 
+@pytest.mark.timing
 def test_concurrent_requests_form_batches(served_artifact):
     image = encode(scene(320, 320, seed=8))
 
@@ -384,6 +385,7 @@ def test_concurrent_requests_form_batches(served_artifact):
     run(go())
 
 
+@pytest.mark.timing
 def test_requests_that_cannot_make_their_deadline_are_refused_at_the_door(served_artifact):
     image = encode(scene(320, 320, seed=9))
 
@@ -446,6 +448,7 @@ def test_requests_that_cannot_make_their_deadline_are_refused_at_the_door(served
     run(go())
 
 
+@pytest.mark.timing
 def test_expired_requests_answer_504(served_artifact):
     # 24 megapixels of PNG take far longer than 80 ms to decode: admitted at the door (one small
     # batch is well within 80 ms), then the deadline passes while decoding.
@@ -527,6 +530,7 @@ def with_version(source: Path, target: Path, version: str) -> None:
     os.replace(tmp, target)
 
 
+@pytest.mark.timing
 def test_reload_is_guarded_and_swaps_without_failures(served_artifact, tmp_path):
     model = tmp_path / "model.onnx"
     shutil.copy(served_artifact, model)
@@ -638,6 +642,7 @@ def test_an_artifact_whose_classes_disagree_with_its_graph_is_refused(served_art
     run(go())
 
 
+@pytest.mark.timing
 def test_a_changed_artifact_file_is_picked_up(served_artifact, tmp_path):
     model = tmp_path / "model.onnx"
     shutil.copy(served_artifact, model)

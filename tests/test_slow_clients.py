@@ -43,6 +43,10 @@ from service.slow_clients import (
     guarded_protocol,
 )
 
+# Clocks of half a second to two against a second of slack (docs/testing.md); the run_guard
+# tests alone are not timing-dependent.
+pytestmark = pytest.mark.timing
+
 ROOT = Path(__file__).resolve().parents[1]
 SLACK = 1.0  # seconds a cut may come after its clock ran out, on a busy test machine
 MIB = 1024 * 1024

@@ -142,6 +142,7 @@ def test_errors_carry_the_protocols_codes(answers):
     assert errors["grpc_unimplemented"]["status"] == "StatusCode.UNIMPLEMENTED"
 
 
+@pytest.mark.timing
 def test_bursts_are_answered_whole_in_batches(answers):
     burst = answers["client"]["burst"]
     assert len(burst["http"]) == len(burst["grpc"]) == BURST

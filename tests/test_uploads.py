@@ -221,6 +221,7 @@ def test_decode_threads_run_below_the_rest_of_the_process():
         decoder.shutdown()
 
 
+@pytest.mark.timing
 def test_the_decoding_estimate_comes_from_the_images_in_flight_not_from_past_waits():
     # Admission counts an image's decoding time before it can queue (Decoder.typical_seconds).
     # An average of past waits was never unlearnt once nothing was decoded, and after a storm of
