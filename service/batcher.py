@@ -193,8 +193,9 @@ class Batcher:
         """How many times their batch times batches take now: the learnt pace, or the running
         batch's, if it has already overrun by more."""
         factor = self._pace.factor()
-        if self._running is not None:
-            started, expected = self._running
+        running = self._running  # read once: the inference thread sets and clears it
+        if running is not None:
+            started, expected = running
             if expected > 0:
                 factor = max(factor, (self.clock() - started) / expected)
         return factor
@@ -208,8 +209,9 @@ class Batcher:
         more images have run, at the current pace."""
         pace = self.pace()
         running = 0.0
-        if self._running is not None:
-            started, expected = self._running
+        batch = self._running  # read once: the inference thread sets and clears it
+        if batch is not None:
+            started, expected = batch
             running = max(0.0, started + expected * pace - self.clock())
         return running + self.times.drain(self._ahead(stage) + extra, self.max_batch_size) * pace
 

@@ -123,6 +123,7 @@ def test_models_added_broken_replaced_and_removed_while_serving(tmp_path, served
         async with serving(repo_settings(tmp_path, model_poll_s=0.2)) as client:
             stop = asyncio.Event()
             codes: list[int] = []
+            errors: list[str] = []
 
             async def load() -> None:  # requests to the first model all along
                 while not stop.is_set():
@@ -130,6 +131,8 @@ def test_models_added_broken_replaced_and_removed_while_serving(tmp_path, served
                         "/detect", content=image, headers=JPEG, params={"model": "demo"}
                     )
                     codes.append(response.status_code)
+                    if response.status_code != 200:
+                        errors.append(response.text)
 
             async def until(check, seconds: float = 60.0) -> None:
                 for _ in range(int(seconds / 0.1)):
@@ -173,7 +176,7 @@ def test_models_added_broken_replaced_and_removed_while_serving(tmp_path, served
             assert 'model="extra"' not in (await client.get("/metrics")).text
             stop.set()
             await traffic
-            assert codes and set(codes) == {200}, codes
+            assert codes and set(codes) == {200}, errors
 
     run(go())
 
