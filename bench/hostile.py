@@ -2,7 +2,7 @@
 
 One home for the attack cases, shared by tests/test_hostile.py (one test per case) and this
 benchmark (every case at once, several attack threads, plus a seeded mutation fuzzer, while one
-client keeps sending normal requests). The cases follow shared/design.md ("HTTP API": images,
+client keeps sending normal requests). The cases follow the README ("Serve": images,
 the error table, slow and vanishing clients, reloads): formats outside the decoding allow-list
 (EPS must never reach Ghostscript), decompression bombs, corrupt and truncated files, clients
 that disconnect mid-upload, oversize bodies and multipart abuse, admin routes, a tampered

@@ -1,4 +1,5 @@
-"""The artifact's self-description (ONNX ``metadata_props``), as shared/design.md lists it.
+"""The artifact's self-description (ONNX ``metadata_props``), as the README lists it ("Export a
+model artifact").
 
 Every value is a string (ONNX's rule); lists, sizes and metrics are JSON. Beyond the contract's
 keys we record what a reader needs to run or compare artifacts without guessing: the output

@@ -1,4 +1,4 @@
-"""The service's settings: environment variables with the prefix ``SSD_`` (shared/design.md)."""
+"""The service's settings: environment variables with the prefix ``SSD_`` (the README's table, "Serve")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Slow clients, cut off by ``ssd serve`` itself (shared/design.md, "HTTP API"; a proxy in front
+"""Slow clients, cut off by ``ssd serve`` itself (README, "Serve"; a proxy in front
 is welcome, not required). Three clocks, each kept where it can be enforced with the least
 knowledge of uvicorn's internals, and what a connection does with a body that comes after its
 request was answered:

@@ -252,7 +252,7 @@ def test_errors_map_alike_and_are_counted_once(kind, served_artifact, tmp_path):
             for images, model, params, status, _ in cases:
                 reply = await s.transport.infer(images, model, **params)
                 # A bad parameter is the OIP's 400 (REST) and INVALID_ARGUMENT (gRPC), as an
-                # unsupported format is on gRPC (shared/design.md's table).
+                # unsupported format is on gRPC (the README's table).
                 expected = status
                 if (status == 422 and kind != "detect") or (status == 415 and kind == "oip_grpc"):
                     expected = 400

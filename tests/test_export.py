@@ -148,8 +148,8 @@ def test_verification_catches_a_different_graph(artifact, lite_model):
 
 
 def test_export_defaults_are_the_contract_and_live_in_postprocess_config():
-    """shared/design.md: threshold 0.01, IoU 0.45, top 400 per class, K = 200; ``ssd export``
-    takes them from PostprocessConfig, the one home of these numbers."""
+    """The contract (README, "Export a model artifact"): threshold 0.01, IoU 0.45, top 400 per
+    class, K = 200; ``ssd export`` takes them from PostprocessConfig, the one home of these numbers."""
     args = cli.build_parser().parse_args(["export", "--checkpoint", "x.pt", "--out", "x.onnx"])
     contract = {"score_threshold": 0.01, "iou_threshold": 0.45, "topk_candidates": 400, "max_detections": 200}
     assert {key: getattr(args, key) for key in contract} == contract
