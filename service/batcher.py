@@ -192,13 +192,20 @@ class Batcher:
     def pace(self) -> float:
         """How many times their batch times batches take now: the learnt pace, or the running
         batch's, if it has already overrun by more."""
+        return self._pace_and_running()[0]
+
+    def _pace_and_running(self) -> tuple[float, float]:
+        """The pace now, and the seconds the running batch has left at that pace (0 for none),
+        from one read of it (the inference thread sets and clears it)."""
         factor = self._pace.factor()
-        running = self._running  # read once: the inference thread sets and clears it
-        if running is not None:
-            started, expected = running
-            if expected > 0:
-                factor = max(factor, (self.clock() - started) / expected)
-        return factor
+        running = self._running
+        if running is None:
+            return factor, 0.0
+        started, expected = running
+        now = self.clock()
+        if expected > 0:
+            factor = max(factor, (now - started) / expected)
+        return factor, max(0.0, started + expected * factor - now)
 
     def batch_seconds(self, size: int) -> float:
         """One batch of ``size`` now: its batch time at the current pace."""
@@ -207,12 +214,7 @@ class Batcher:
     def _drain_seconds(self, extra: int = 0, stage: Stage = Stage.DOOR) -> float:
         """Seconds from now until the running batch, the images ahead (``_ahead``) and ``extra``
         more images have run, at the current pace."""
-        pace = self.pace()
-        running = 0.0
-        batch = self._running  # read once: the inference thread sets and clears it
-        if batch is not None:
-            started, expected = batch
-            running = max(0.0, started + expected * pace - self.clock())
+        pace, running = self._pace_and_running()
         return running + self.times.drain(self._ahead(stage) + extra, self.max_batch_size) * pace
 
     def estimated_completion(self, count: int, stage: Stage = Stage.DOOR) -> float:

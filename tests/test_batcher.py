@@ -226,6 +226,15 @@ class Clock:
         return self.now
 
 
+def clocked() -> tuple[Clock, Batcher]:
+    """A batcher on controlled time, no model, batches of up to 4 measured at warm-up as 0.05 s
+    for one image and 0.1 s for four (batching is sublinear)."""
+    clock = Clock()
+    batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
+    batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+    return clock, batcher
+
+
 def test_admission_estimates_completion_from_batch_times_and_refuses_past_the_deadline():
     async def go():
         clock = Clock()
@@ -261,9 +270,7 @@ def test_admission_estimates_completion_from_batch_times_and_refuses_past_the_de
 
 def test_a_learnt_lateness_that_refuses_everything_wears_off():
     async def go():
-        clock = Clock()
-        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
-        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        clock, batcher = clocked()
         for _ in range(30):  # requests answered a second later than the batch times promised
             async with batcher.admit(1, clock.now + 10) as ticket:
                 clock.now += 1.0
@@ -284,9 +291,7 @@ def test_a_learnt_lateness_that_refuses_everything_wears_off():
 
 def test_images_that_would_now_miss_their_deadline_are_dropped_not_queued():
     async def go():
-        clock = Clock()
-        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
-        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        clock, batcher = clocked()
         async with batcher.admit(1, clock.now + 0.07) as ticket:  # 0.05 s + 0.0175 to spare
             clock.now += 0.03  # decoding took 30 ms: 0.05 s of inference no longer fits
             with pytest.raises(DeadlineExceeded, match="past its deadline"):
@@ -320,9 +325,7 @@ def test_under_saturation_a_batch_is_cut_so_that_the_head_keeps_its_deadline():
 
 def test_the_estimate_learns_how_late_requests_finish_without_feeding_on_itself():
     async def go():
-        clock = Clock()
-        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
-        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        clock, batcher = clocked()
         for _ in range(50):  # every request takes 0.05 s longer than its batch times say
             async with batcher.admit(1, clock.now + 10) as ticket:
                 pass
@@ -369,9 +372,7 @@ def test_the_door_holds_a_place_that_the_request_s_real_count_replaces():
 
 def test_requests_that_expire_teach_how_late_the_estimates_are():
     async def go():
-        clock = Clock()
-        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
-        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        clock, batcher = clocked()
         async with batcher.admit(1, clock.now + 0.3) as early:
             clock.now += 0.01
             early.abandoned()  # its client left before the estimate: that says nothing
@@ -430,9 +431,7 @@ def test_images_in_hand_queue_ahead_of_those_still_being_decoded():
     their deadlines once queued."""
 
     async def go():
-        clock = Clock()
-        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
-        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        clock, batcher = clocked()
         # Two requests admitted; the second's 40 images (ten batches) are still being decoded.
         async with batcher.admit(1, clock.now + 0.2) as quick, batcher.admit(40, clock.now + 60):
             quick.submit([image(0)])  # due in 0.2 s, queued: only itself ahead of it
@@ -445,9 +444,7 @@ def test_images_in_hand_queue_ahead_of_those_still_being_decoded():
 
 def test_the_lateness_is_learnt_against_the_estimate_made_when_the_images_queued():
     async def go():
-        clock = Clock()
-        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
-        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        clock, batcher = clocked()
         async with batcher.admit(1, clock.now + 10) as ticket:
             clock.now += 1.0  # decoding took a second: the admission's estimate is stale
             ticket.submit([image(0)])
@@ -463,9 +460,7 @@ def test_a_pace_that_refuses_everything_wears_off():
     learnt that refuses every request; with nothing run, nothing would unlearn it."""
 
     async def go():
-        clock = Clock()
-        batcher = Batcher(lambda: None, Metrics().of("m"), max_batch_size=4, clock=clock)
-        batcher.calibrate(None, {1: 0.05, 4: 0.1})  # type: ignore[arg-type]
+        clock, batcher = clocked()
         batcher._pace.learn(50.0)  # a batch took 50 times its batch time
         with pytest.raises(Overloaded):
             batcher.check(1, clock.now + 1.0)  # 2.5 s at that pace
