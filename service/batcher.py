@@ -191,7 +191,7 @@ class Batcher:
 
     def pace(self) -> float:
         """How many times their batch times batches take now: the learnt pace, or the running
-        batch's, if it has already overrun by more."""
+        batch's, if it has already overrun by more (``Pace.showing``)."""
         return self._pace_and_running()[0]
 
     def _pace_and_running(self) -> tuple[float, float]:
@@ -204,7 +204,7 @@ class Batcher:
         started, expected = running
         now = self.clock()
         if expected > 0:
-            factor = max(factor, (now - started) / expected)
+            factor = self._pace.showing((now - started) / expected)
         return factor, max(0.0, started + expected * factor - now)
 
     def batch_seconds(self, size: int) -> float:

@@ -43,8 +43,12 @@ class BatchTimes:
         self._seconds = dict(seconds)
 
     def record(self, size: int, seconds: float) -> None:
+        """A batch of ``size`` ran in ``seconds``. One batch moves its size's time by at most a
+        fifth: a batch stalled by the process (a full garbage collection holding the GIL while
+        another model loaded: 0.73 s against 0.013) must not make every later estimate of that
+        size long; a CPU that stays slower is the pace's to learn, at once."""
         old = self._seconds.get(size)
-        self._seconds[size] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        self._seconds[size] = seconds if old is None else 0.8 * old + 0.2 * min(seconds, 2 * old)
 
     def __bool__(self) -> bool:
         return bool(self._seconds)
@@ -76,12 +80,20 @@ class Pace:
     warm-up's 0.2, the batch times' moving average took 5 batches to come within 25% of it, and
     admission let in work on the old figure that later missed its deadlines (504s).
 
-    A slower pace is taken at once, from the batch that showed it (admission must not admit on a
-    stale, faster one); a quicker one is eased into, halfway per batch. Never below 1: the batch
-    times learn a faster CPU by themselves. The ratio is against the batch time before it learnt
-    the same batch (which moves a fifth of the way): the estimate for that size then errs long
-    for a few batches, the safe side, where against the moved time every other size would err
-    short."""
+    A slower pace is taken at once, from the batch that showed it or from the running one as it
+    overruns (admission must not admit on a stale, faster one), but one batch can make it at
+    most ``MAX_STEP`` times what it was: a batch stalled by the process (a full garbage
+    collection holding the GIL while another model loaded) ran 56 times its batch time, and
+    taken whole that refused a lone client's every request for seconds (503s with nothing
+    queued). Waiting for a second batch to confirm a slower pace instead brought the 504s back
+    beside the CPU-bound process (5-22 of 600). A quicker pace is eased into, halfway per batch.
+    Never below 1: the batch times learn a faster CPU by themselves. The ratio is against the
+    batch time before it learnt the same batch: the estimate for that size then errs long for a
+    few batches, the safe side, where against the moved time every other size would err short."""
+
+    # Above the largest slowdown seen at a burst's start (3x: 0.6 s against 0.2), so that such a
+    # slowdown is learnt from one batch; a larger one takes two.
+    MAX_STEP = 4.0
 
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -94,10 +106,16 @@ class Pace:
     def factor(self) -> float:
         return _faded(self._factor, 1.0, self._learnt_at, self._clock())
 
+    def showing(self, ratio: float) -> float:
+        """The pace once a batch has run (or while it is running, so far) ``ratio`` times its
+        batch time, if that is slower: the ratio, at most MAX_STEP times the pace."""
+        now = self.factor()
+        return max(now, min(ratio, self.MAX_STEP * now))
+
     def learn(self, ratio: float) -> None:
         """A batch ran ``ratio`` times its batch time."""
         now = self.factor()
-        self._factor = max(1.0, ratio if ratio > now else 0.5 * (now + ratio))
+        self._factor = max(1.0, self.showing(ratio) if ratio > now else 0.5 * (now + ratio))
         self._learnt_at = self._clock()
 
 

@@ -19,7 +19,7 @@ from service.batcher import (
     ShuttingDown,
     Stage,
 )
-from service.estimates import FORGET_AFTER_S, FORGET_HALF_LIFE_S
+from service.estimates import FORGET_AFTER_S, FORGET_HALF_LIFE_S, Pace
 from service.metrics import Metrics
 
 
@@ -389,10 +389,11 @@ def test_requests_that_expire_teach_how_late_the_estimates_are():
 
 
 @pytest.mark.timing
-def test_a_slower_cpu_is_learnt_from_the_batch_that_shows_it():
+def test_a_slower_cpu_is_learnt_from_the_batches_that_show_it():
     """On a CPU busier than the warm-up's, admission must not go on admitting on the warm-up's
     batch times: the first batch that runs slower (or the running one, while it overruns) sets
-    the pace of every estimate; a quicker pace afterwards is eased into."""
+    the pace of every estimate, up to four times the pace at a time; a quicker pace afterwards
+    is eased into."""
 
     async def go():
         # Ten times the warm-up's 0.05 s per batch. (Margins for a slow or busy machine: every
@@ -407,11 +408,14 @@ def test_a_slower_cpu_is_learnt_from_the_batch_that_shows_it():
         pace = batcher.pace()
         assert pace > 3.0 and batcher.batch_seconds(4) >= 0.05 * pace
         await first
-        assert batcher.pace() >= 0.99 * 10  # learnt from that one batch
-        # 12 images queued would drain in 3 batches of 0.5 s, not 3 x 0.05.
+        assert batcher.pace() == pytest.approx(Pace.MAX_STEP)  # the most one batch teaches
+        await asyncio.gather(*batcher.submit([image(0)], far()))
+        # The second: 0.5 s against the time the first moved to (0.06 s).
+        assert batcher.pace() >= 8
+        # 12 images queued would drain in 3 batches of about 0.5 s, not 3 x 0.05.
         t0 = time.monotonic()
         async with batcher.admit(12, far()):
-            assert batcher.estimated_completion(0, Stage.ADMITTED) - t0 >= 0.99 * 1.5
+            assert batcher.estimated_completion(0, Stage.ADMITTED) - t0 >= 3 * 0.05 * 8
             with pytest.raises(Overloaded):
                 batcher.check(1, time.monotonic() + 1.0)  # a second held on the warm-up's pace
         fake.seconds = 0.01  # the CPU is free again: the pace comes down, half way per batch
@@ -420,6 +424,32 @@ def test_a_slower_cpu_is_learnt_from_the_batch_that_shows_it():
             await asyncio.gather(*batcher.submit([image(0)], far()))
             paces.append(batcher.pace())
         assert paces == sorted(paces, reverse=True) and paces[0] < 6 and paces[-1] < 1.5
+        await batcher.stop(1)
+
+    asyncio.run(go())
+
+
+@pytest.mark.timing
+def test_one_stalled_batch_does_not_refuse_a_lone_client():
+    """A batch stalled by the process (in the suite, 0.73 s against 0.013 while a full garbage
+    collection held the GIL as another model loaded) is no CPU fifty times slower: taken whole
+    as the pace, with the batch times' average moved by it too, it refused every request of a
+    lone client with a 10 s deadline ("0 images ahead: ... about 8813 ms") for seconds."""
+
+    async def go():
+        fake = FakeDetector(seconds=0.0)
+        batcher = Batcher(lambda: fake, Metrics().of("m"), max_batch_size=4, max_queue_delay_s=0)
+        batcher.calibrate(fake, {n: 0.01 * n for n in range(1, 5)})  # type: ignore[arg-type]
+        batcher.start()
+        fake.seconds = 0.5  # fifty times the batch time, once
+        await asyncio.gather(*batcher.submit([image(0)], far()))
+        fake.seconds = 0.0
+        assert batcher.pace() == pytest.approx(Pace.MAX_STEP)
+        assert batcher.times.of(1) <= 0.01 * 1.2 + 1e-9  # moved a fifth of twice its time at most
+        batcher.check(1, time.monotonic() + 0.1)  # a lone request with a tenth of a second: admitted
+        for _ in range(3):  # later batches as quick as the warm-up's
+            await asyncio.gather(*batcher.submit([image(0)], far()))
+        assert batcher.pace() < 1.5
         await batcher.stop(1)
 
     asyncio.run(go())
@@ -461,7 +491,8 @@ def test_a_pace_that_refuses_everything_wears_off():
 
     async def go():
         clock, batcher = clocked()
-        batcher._pace.learn(50.0)  # a batch took 50 times its batch time
+        for _ in range(3):  # batches that took 50 times their batch time: a pace of 4, 16, 50
+            batcher._pace.learn(50.0)
         with pytest.raises(Overloaded):
             batcher.check(1, clock.now + 1.0)  # 2.5 s at that pace
         clock.now += FORGET_AFTER_S
