@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +24,7 @@ import torch
 
 from model.config import PostprocessConfig
 from model.data.synth import render
+from model.files import staged
 from model.ssd import SSD
 
 from . import verify as checks
@@ -137,15 +136,9 @@ def export_artifact(source: Source, out: str | Path, options: ExportOptions | No
             f"{len(source.classes)} class names for a model with {model.num_classes - 1} classes"
         )
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     data = proto.SerializeToString()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with staged(out) as tmp:
+        tmp.write_bytes(data)
         artifact = Artifact(out, hashlib.sha256(data).hexdigest(), metadata)
         log.info("graph built and checked in %.1f s", time.perf_counter() - started)
         if not options.raw:
@@ -153,10 +146,6 @@ def export_artifact(source: Source, out: str | Path, options: ExportOptions | No
             log.info("verifying it against PyTorch with ONNX Runtime ...")
             _verify(tmp, source, options, artifact)
             log.info("verified in %.1f s", time.perf_counter() - started)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return artifact
 
 

@@ -11,9 +11,7 @@ epochs), ``config``, ``metrics`` (the last validation metrics) and, for resuming
 from __future__ import annotations
 
 import hashlib
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ import numpy as np
 import torch
 
 from .build import build_model
+from .files import staged
 from .ssd import SSD
 
 
@@ -30,18 +29,8 @@ class CheckpointError(RuntimeError):
 
 def atomic_save(obj: Any, path: Path) -> None:
     """torch.save to a temporary file beside ``path``, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def rng_state() -> dict[str, Any]:

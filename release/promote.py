@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from model.files import remove_stale, staged
 
 if TYPE_CHECKING:
     from model.data import DetectionDataset
@@ -69,19 +69,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def install(candidate: Path, served: Path) -> None:
-    """Copy ``candidate`` over ``served`` atomically (a temporary file beside it, then rename)."""
-    served.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{served.name}.", suffix=".tmp", dir=served.parent)
-    try:
-        with os.fdopen(handle, "wb") as out, open(candidate, "rb") as src:
-            shutil.copyfileobj(src, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, served)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Copy ``candidate`` over ``served`` atomically (model/files.py)."""
+    with staged(served) as tmp:
+        shutil.copyfile(candidate, tmp)
 
 
 def decide(
@@ -143,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if candidate.resolve() == served.resolve():
             raise ValueError(f"the candidate is the served file itself ({served})")
+        for stale in remove_stale(served):
+            print(f"ssd promote: removed {stale}, left by an interrupted promote", file=sys.stderr)
         dataset = open_dataset(args.data, args.split, images_dir=args.images)
         decision = decide(
             candidate, served, dataset, args.metric, args.min_delta, args.force, args.batch_size

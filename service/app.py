@@ -26,6 +26,7 @@ from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import ObservabilityMiddleware
 from .oip import rest as oip_rest
+from .pipeline import not_ready
 from .repository import Repository, describe
 from .runtime import GPURequired
 from .settings import MB, Settings
@@ -64,9 +65,10 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         try:
             yield
         finally:
+            state: State = app.state.service
             if grpc_server is not None:
-                await grpc_server.stop(settings.shutdown_timeout_s)
-            await repository.stop(settings.shutdown_timeout_s)
+                await grpc_server.stop(state.time_left_to_stop())
+            await repository.stop(state.time_left_to_stop())
             decoder.shutdown()
 
     app = FastAPI(
@@ -95,10 +97,11 @@ def _add_operational_routes(app: FastAPI) -> None:
 
     @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz(state: StateDep) -> JSONResponse:
-        if state.repository.ready:
+        why = state.not_ready()
+        if why is None:
             return JSONResponse({"status": "ready"})
         return JSONResponse(
-            {"error": {"code": "not_ready", "message": state.repository.not_ready()}},
+            {"error": {"code": "not_ready", "message": why}},
             status_code=503,
             headers={"Retry-After": "5"},
         )
@@ -114,9 +117,7 @@ def _add_operational_routes(app: FastAPI) -> None:
         chosen = served(state, model, version)
         detector = chosen.detector
         if detector is None:
-            raise APIError(
-                503, f"model {chosen.name} is not loaded: {chosen.error}", "not_ready", {"Retry-After": "5"}
-            )
+            raise not_ready(chosen)
         info = detector.info
         return {
             **chosen.identity(),

@@ -117,7 +117,9 @@ class Metrics:
         )
         self._info: dict[str, tuple[str, str, str, str]] = {}  # each model's model_info labels
         self.ready = Gauge(
-            "detector_ready", "1 when every model found is loaded and warmed up", registry=registry
+            "detector_ready",
+            "1 when /readyz says 200 (the default model serves, not draining)",
+            registry=registry,
         )
 
     def of(self, model: str) -> ModelMetrics:

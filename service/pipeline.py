@@ -47,7 +47,7 @@ from .budget import Reservation
 from .errors import APIError, ClientGone
 from .images import ImageError
 from .memory import release_soon
-from .repository import ModelNotFound, Repository, ServedModel
+from .repository import ModelNotFound, NoModel, Repository, ServedModel
 from .state import State
 
 # A request body this large leaves enough freed heap behind to be worth handing back at once.
@@ -115,11 +115,19 @@ class Found:
 
 def lookup(repository: Repository, name: str | None, version: int | str | None = None) -> ServedModel:
     """A model by name (default: the default model) and version (default: its highest), as
-    every route looks it up: 404 ``model_not_found`` for a name or version not served."""
+    every route looks it up: 404 ``model_not_found`` for a name or version not served, 503
+    ``not_ready`` when no model is listed at all."""
     try:
         return repository.get(name, version)
+    except NoModel as exc:
+        raise APIError(503, str(exc), "not_ready", {"Retry-After": "5"}) from None
     except ModelNotFound as exc:
         raise APIError(404, str(exc), "model_not_found") from None
+
+
+def not_ready(model: ServedModel) -> APIError:
+    """The 503 for a model that serves nothing, saying why."""
+    return APIError(503, model.why_not_ready(), "not_ready", {"Retry-After": "5"})
 
 
 def refusal(exc: Exception) -> APIError:
@@ -171,10 +179,7 @@ class Call:
             raise
         self.label = model.name  # a name the repository serves: a bounded label set
         if model.detector is None:
-            why = f": {model.error}" if model.error else " yet"
-            self._lookup = APIError(
-                503, f"model {model.name} is not loaded{why}", "not_ready", {"Retry-After": "5"}
-            )
+            self._lookup = not_ready(model)
             raise self._lookup
         self.model, self._info = model, model.detector.info
         return model

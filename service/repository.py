@@ -42,6 +42,11 @@ class ModelNotFound(LookupError):
     """No such model, or no such version of it (404)."""
 
 
+class NoModel(ModelNotFound):
+    """The repository lists no model at all, so nothing can serve (503, not 404: the fault is
+    the server's, and it may pass when a file appears)."""
+
+
 @dataclass
 class ServedModel:
     """One artifact being served: its name and version, its session and its batcher."""
@@ -77,6 +82,22 @@ class ServedModel:
         if self.ready:
             return "READY"
         return "UNAVAILABLE" if self.tried.is_set() else "LOADING"
+
+    def why_not_ready(self) -> str:
+        """What every answer about this model says while it serves nothing: the reason its file
+        was refused, where there is one."""
+        who = f"model {self.name} (version {self.version})"
+        if not self.tried.is_set():
+            return f"{who} is still loading"
+        return f"{who} is not loaded: {self.error or 'no artifact'}"
+
+    def index_entry(self) -> dict[str, str]:
+        """The model as Triton's repository index lists it: name, version, state, and the reason
+        where it is not ready."""
+        entry = {"name": self.name, "version": str(self.version), "state": self.state}
+        if not self.ready:
+            entry["reason"] = self.why_not_ready()
+        return entry
 
 
 def scan(folder: Path) -> dict[tuple[str, int], Path]:
@@ -159,6 +180,8 @@ class Repository:
 
     def get(self, name: str | None = None, version: int | str | None = None) -> ServedModel:
         """A model by name (default: the default model) and version (default: its highest)."""
+        if not self._models:
+            raise NoModel(self._why_empty())
         name = name or self.default_name
         if name is None:
             raise ModelNotFound("no model is being served")
@@ -174,13 +197,22 @@ class Repository:
             )
         return self._models[(name, number)]
 
+    def _why_empty(self) -> str:
+        folder = self.folder
+        if folder is None:
+            return "no model is being served"
+        if not folder.exists():
+            return f"no model to serve: SSD_MODEL_DIR {folder} does not exist"
+        if not folder.is_dir():
+            return f"no model to serve: SSD_MODEL_DIR {folder} is not a folder"
+        return f"no model to serve: SSD_MODEL_DIR {folder} holds no NAME.onnx or NAME/VERSION/{ARTIFACT}"
+
     @property
     def ready(self) -> bool:
-        """Every artifact found has been loaded or refused, and the default model serves. A
-        broken file is no model: it must not take a replica that serves the others out of its
-        load balancer (it is listed as UNAVAILABLE, logged and counted instead)."""
-        if not all(m.tried.is_set() for m in self._models.values()):
-            return False
+        """The default model serves. A broken file of another model is no model: it must not
+        take a replica that serves the others out of its load balancer (it is listed as
+        UNAVAILABLE with its reason, logged and counted instead). Models found at start are all
+        loaded or refused before the server listens; one added later is listed once loaded."""
         try:
             return self.get().ready
         except ModelNotFound:
@@ -188,14 +220,11 @@ class Repository:
 
     def not_ready(self) -> str:
         """Why ``ready`` is False, for /readyz."""
-        waiting = [f"{m.name} (version {m.version})" for m in self.models() if not m.tried.is_set()]
-        if waiting:
-            return f"not loaded and warmed up yet: {', '.join(waiting)}"
         try:
             model = self.get()
         except ModelNotFound as exc:
             return str(exc)
-        return f"the default model {model.name} (version {model.version}) is not loaded: {model.error}"
+        return f"the default {model.why_not_ready()}"
 
     # --- Life --------------------------------------------------------------------------------
 
@@ -208,14 +237,12 @@ class Repository:
                 log.error("SSD_MODEL_DIR %s is not a folder: no model to serve until it is", self.folder)
             for key, path in scan(self.folder).items():
                 await self._add(key, path)
-        self._publish_ready()
         if self.settings.model_poll_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="model-repository")
 
     async def stop(self, timeout_s: float) -> None:
         if self._poller is not None:
             self._poller.cancel()
-        self.metrics.ready.set(0)
         await asyncio.gather(*(m.batcher.stop(timeout_s) for m in self._models.values()), *self._retiring)
         self._executor.shutdown(wait=False)
 
@@ -262,6 +289,15 @@ class Repository:
         self._models[(model.name, 1)] = model
         if model.detector is not None:
             log.info("serving %s from %s", describe(model), path)
+        elif Path(path).exists() and not self.settings.model_poll_s and self.settings.admin_token is None:
+            # Nothing could ever make this process serve: no poll to pick up a fixed file, no
+            # token to reload it. Exiting says so where an operator looks (the exit status, a
+            # restart loop) instead of a pod that runs and answers 503 for ever. A missing file
+            # is waited for: a volume or a retraining job may bring it.
+            raise ArtifactError(
+                f"{model.error}; nothing can replace it (SSD_MODEL_POLL_S is 0 and no "
+                "SSD_ADMIN_TOKEN allows a reload), so the server stops"
+            )
 
     async def _add(self, key: tuple[str, int], path: Path, at_start: bool = True) -> None:
         """Load a new artifact, then list it: requests never see a model still warming up."""
@@ -293,14 +329,9 @@ class Repository:
             if model.detector is None:
                 model.error = str(exc)
             raise
-        finally:
-            self._publish_ready()
         model.error = None
         log.info("serving %s from %s", describe(model), model.runtime.path)
         return detector
-
-    def _publish_ready(self) -> None:
-        self.metrics.ready.set(1 if self.ready else 0)
 
     async def _poll(self) -> None:
         settle = min(self.settings.model_poll_s, 1.0)
@@ -310,8 +341,6 @@ class Repository:
                 await self._sync(settle)
             except GPURequired as exc:
                 log.error("%s", exc)
-            finally:
-                self._publish_ready()
 
     async def _sync(self, settle_s: float) -> None:
         """One scan: what was added, replaced or removed since the last."""

@@ -55,7 +55,11 @@ class Settings(BaseSettings):
     min_body_rate: int = Field(32 * 1024, ge=1)  # bytes/s
     keepalive_timeout_s: float = Field(5.0, gt=0)  # an idle keep-alive connection is closed after this
     max_header_bytes: int = Field(64 * 1024, ge=1024)  # request line and headers; past it, 431
-    shutdown_timeout_s: float = Field(30.0, ge=0)  # SIGTERM: how long queued work may take
+    # SIGTERM: readiness answers 503 for drain_s while every route still serves (a load balancer
+    # takes a few seconds to stop routing here), then the listeners close and the work in
+    # progress has shutdown_timeout_s, all of it together, to finish.
+    drain_s: float = Field(5.0, ge=0)
+    shutdown_timeout_s: float = Field(30.0, ge=0)
     log_json: bool = False  # one JSON object per log line
 
     @field_validator("providers", mode="before")

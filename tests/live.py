@@ -40,7 +40,7 @@ def live_server(folder: Path, settings: dict[str, str], timeout_s: float = 90.0)
     so that the defaults are what is tested)."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
-    env |= {"SSD_PROVIDERS": "cpu", **settings}
+    env |= {"SSD_PROVIDERS": "cpu", "SSD_DRAIN_S": "0", **settings}  # no drain at the stop
     log = folder / "server.log"
     with log.open("w") as out:
         process = subprocess.Popen(

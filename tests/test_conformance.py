@@ -268,6 +268,31 @@ def test_errors_map_alike_and_are_counted_once(kind, served_artifact, tmp_path):
     run(go())
 
 
+def test_what_cannot_serve_says_why(kind, served_artifact, tmp_path):
+    """A refused file's reason in the answer of every request for it; with no model at all (the
+    folder empty or missing), 503 with Retry-After saying so, not 404: the fault is the
+    server's, and a file may yet appear."""
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    shutil.copy(served_artifact, folder / "shapes.onnx")
+    (folder / "aa_broken.onnx").write_bytes(b"random bytes, no model")
+
+    async def go():
+        async with service(kind, model_dir=str(folder)) as s:
+            reply = await s.transport.infer([IMAGE], "aa_broken")
+            assert reply.status == 503 and "INVALID_PROTOBUF" in reply.message, reply
+        for where, why in ((tmp_path / "empty", "holds no"), (tmp_path / "missing", "does not exist")):
+            if where.name == "empty":
+                where.mkdir()
+            async with service(kind, model_dir=str(where)) as s:
+                reply = await s.transport.infer([IMAGE], "shapes")
+                assert reply.status == 503 and why in reply.message and str(where) in reply.message, reply
+                if reply.headers is not None:
+                    assert reply.headers.get("retry-after") == "5", reply.headers
+
+    run(go())
+
+
 # --- Admission, bursts and deadlines --------------------------------------------------------------
 
 

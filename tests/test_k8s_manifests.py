@@ -307,3 +307,69 @@ def test_inference_service_is_served_by_its_runtime(name):
     # named must be there (a missing one becomes "<no value>").
     for field, key in placeholders(kserve_container(runtime)) + placeholders(model):
         assert key in isvc["metadata"].get(field.lower(), {}), f"{{{{.{field}.{key}}}}} is not set"
+
+
+# --- Grace periods -------------------------------------------------------------------------------
+
+
+def _duration_s(value: object) -> float:
+    """A compose duration ("40s", "1m30s") or a number of seconds."""
+    if isinstance(value, int | float):
+        return float(value)
+    parts = re.fullmatch(r"(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s)?", str(value))
+    assert parts and any(parts.groups()), f"unreadable duration {value!r}"
+    return 60 * float(parts[1] or 0) + float(parts[2] or 0)
+
+
+def _needed_grace_s(env: dict[str, str]) -> float:
+    """SSD_DRAIN_S + SSD_SHUTDOWN_TIMEOUT_S (as set, else the defaults) + 5 s to exit."""
+    from service.settings import Settings
+
+    defaults = Settings.model_fields
+    drain = float(env.get("SSD_DRAIN_S", defaults["drain_s"].default))
+    shutdown = float(env.get("SSD_SHUTDOWN_TIMEOUT_S", defaults["shutdown_timeout_s"].default))
+    return drain + shutdown + 5
+
+
+def _env(containers: list[dict]) -> dict[str, str]:
+    return {e["name"]: str(e.get("value", "")) for c in containers for e in c.get("env", [])}
+
+
+def grace_periods() -> list[tuple[str, float, float]]:
+    """(where, the grace period given, the one needed) for every place that runs the service."""
+    found = []
+    runtime_env = {}
+    for _, doc in DOCUMENTS:
+        if doc.get("kind") == "ServingRuntime":
+            runtime_env = _env(doc["spec"]["containers"])
+    for where, doc in DOCUMENTS:
+        kind = doc.get("kind")
+        if kind in ("Deployment", "StatefulSet", "DaemonSet"):
+            pod = doc["spec"]["template"]["spec"]
+            given = pod.get("terminationGracePeriodSeconds", 30)
+            found.append((where, given, _needed_grace_s(_env(pod["containers"]))))
+        elif kind == "InferenceService":
+            predictor = doc["spec"]["predictor"]
+            env = runtime_env | _env([predictor.get("model", {})])
+            found.append((where, predictor.get("terminationGracePeriodSeconds", 30), _needed_grace_s(env)))
+    compose = yaml.load((ROOT / "docker-compose.yml").read_text(), Loader=LOADER)
+    for name, service in compose["services"].items():
+        if str(service.get("image", "")).split(":")[0] == "ssd-detector":  # the serving image
+            env = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+            grace = _duration_s(service.get("stop_grace_period", "10s"))
+            found.append((f"docker-compose.yml#{name}", grace, _needed_grace_s(env)))
+    return found
+
+
+def test_grace_periods_cover_the_drain_and_the_shutdown():
+    """A container stopped (docker compose stop, a pod deleted) gets SIGTERM, then SIGKILL after
+    its grace period: that must cover the drain (SSD_DRAIN_S), the work in progress
+    (SSD_SHUTDOWN_TIMEOUT_S) and 5 s to exit, or the last requests are killed unanswered."""
+    periods = grace_periods()
+    assert {w.split("#")[0] for w, _, _ in periods} >= {
+        "deploy/k8s/detector.yaml",
+        "deploy/k8s/kserve/inferenceservice.yaml",
+        "docker-compose.yml",
+    }
+    short = [(where, given, needed) for where, given, needed in periods if given < needed]
+    assert not short, short

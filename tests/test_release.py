@@ -142,6 +142,47 @@ def test_promotion_first_install_broken_served_and_other_classes(shapes, served_
     assert code == 2 and "is the served file itself" in err
 
 
+def test_a_killed_promotes_leftovers_are_removed_by_the_next(shapes, tmp_path, capsys):
+    """A promote killed mid-copy leaves its temporary file on the model volume; the next one
+    removes those of its own pattern that no live writer could still hold, and says so."""
+    import os
+
+    from model.files import STALE_AFTER_S
+
+    served = tmp_path / "model.onnx"
+    shutil.copy(DEMO, served)
+    stale = tmp_path / ".model.onnx.k1ll3d00.tmp"
+    fresh = tmp_path / ".model.onnx.wr1t1ng0.tmp"  # another promote, still copying
+    other = tmp_path / ".other.onnx.k1ll3d00.tmp"  # not this file's
+    for leftover in (stale, fresh, other):
+        leftover.write_bytes(b"half a model")
+    old = os.stat(stale).st_mtime - STALE_AFTER_S - 60
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    code, _, err = _ssd(capsys, "promote", DEMO, "--over", served, "--data", shapes)
+    assert code == 0
+    assert not stale.exists() and fresh.exists() and other.exists()
+    assert f"removed {stale}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [served.name, fresh.name, other.name]
+    )  # and the promote's own temporary file is gone too
+
+
+def test_a_failed_staged_write_leaves_nothing(tmp_path):
+    from model.files import staged
+
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), staged(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+    with staged(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
 @pytest.mark.slow
 def test_the_retrain_job_keeps_a_better_served_model(tmp_path):
     """The issue's case: one epoch on a tiny set must not replace the demo model."""

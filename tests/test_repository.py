@@ -155,7 +155,12 @@ def test_models_added_broken_replaced_and_removed_while_serving(tmp_path, served
             (tmp_path / "broken.onnx").write_bytes(b"not an onnx file")
             await until(lambda: _is(state_of("broken"), "UNAVAILABLE"))
             assert (await client.get("/readyz")).status_code == 200  # a broken file is no model
-            assert (await client.get("/v2/models/broken/ready")).status_code == 503
+            broken = await client.get("/v2/models/broken/ready")  # why, where the protocol allows
+            assert broken.status_code == 503 and "INVALID_PROTOBUF" in broken.json()["error"], broken.text
+            index = (await client.post("/v2/repository/index")).json()
+            (entry,) = [m for m in index if m["name"] == "broken"]
+            assert entry["state"] == "UNAVAILABLE" and "INVALID_PROTOBUF" in entry["reason"], entry
+            assert all("reason" not in m for m in index if m["state"] == "READY")
             (tmp_path / "broken.onnx").unlink()
             await until(lambda: _is(state_of("broken"), None))
             # Replaced: the new artifact swapped in (by its sha256).

@@ -3,6 +3,7 @@ unimportable in it, scraped by promtool and stopped with SIGTERM while requests 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -44,10 +45,17 @@ def jpeg() -> bytes:
 
 
 class Server:
-    def __init__(self, model: Path, log: Path, **env: str) -> None:
+    def __init__(self, model: Path, log: Path, wait_ready: bool = True, preexec_fn=None, **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        environment = {**os.environ, "SSD_PROVIDERS": "cpu", "SSD_INTRA_OP_THREADS": "2", **env}
+        # No drain unless a test asks for one: every stop here would wait SSD_DRAIN_S.
+        environment = {
+            **os.environ,
+            "SSD_PROVIDERS": "cpu",
+            "SSD_INTRA_OP_THREADS": "2",
+            "SSD_DRAIN_S": "0",
+            **env,
+        }
         self.log = log.open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-c", NO_TORCH, "serve", "--model", str(model), "--port", str(self.port)],
@@ -55,7 +63,10 @@ class Server:
             env=environment,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
         )
+        if not wait_ready:
+            return
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -139,6 +150,152 @@ def test_served_without_torch_and_drained_on_sigterm(served_artifact, tmp_path):
         log = (tmp_path / "server.log").read_text()
         assert '"request_id": "r-1"' in log  # JSON log lines carry the request id
         assert "ImportError" not in log
+    finally:
+        server.stop()
+
+
+@pytest.mark.timing
+@pytest.mark.slow
+def test_sigterm_drains_readiness_first_then_closes(served_artifact, tmp_path):
+    """A load balancer goes on routing new connections here for a while after SIGTERM: for
+    SSD_DRAIN_S readiness says 503 and every request is still answered; then the listener
+    closes (connections refused), and the process exits 0."""
+    drain_s = 2.0
+    server = Server(served_artifact, tmp_path / "server.log", SSD_DRAIN_S=str(drain_s))
+    body = jpeg()
+    sent: list[tuple[float, int | str]] = []  # (when sent, status or the error's name)
+    probes: list[tuple[float, int | str]] = []
+    stop = threading.Event()
+
+    def outcome(call) -> int | str:
+        try:
+            return call().status_code
+        except httpx.TransportError as exc:
+            return type(exc).__name__
+
+    def client() -> None:  # a new connection per request, as a balancer spreading them would
+        while not stop.is_set():
+            when = time.monotonic()
+            sent.append(
+                (
+                    when,
+                    outcome(
+                        lambda: httpx.post(
+                            server.url + "/detect",
+                            content=body,
+                            headers={"Content-Type": "image/jpeg"},
+                            timeout=30,
+                        )
+                    ),
+                )
+            )
+
+    def prober() -> None:
+        while not stop.is_set():
+            probes.append((time.monotonic(), outcome(lambda: httpx.get(server.url + "/readyz", timeout=5))))
+            time.sleep(0.05)
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(4)] + [threading.Thread(target=prober)]
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(drain_s + 1.5)
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+        assert server.stop(signalled=True) == 0
+    finally:
+        stop.set()
+        server.stop()
+    # 0.3 s of margin at each edge: the signal's handling, the 0.1 s tick that ends the drain.
+    during = [code for when, code in sent if signalled + 0.3 < when < signalled + drain_s - 0.3]
+    assert during and set(during) == {200}, during
+    before = [code for when, code in probes if when < signalled - 0.1]
+    assert before and set(before) == {200}, before
+    draining = [code for when, code in probes if signalled + 0.3 < when < signalled + drain_s - 0.3]
+    assert draining and set(draining) == {503}, draining
+    after = [code for when, code in probes if when > signalled + drain_s + 1.0]
+    assert after and all(code == "ConnectError" for code in after), after
+
+
+@pytest.mark.timing
+@pytest.mark.skipif(sys.platform != "linux", reason="RLIMIT_NOFILE as Linux applies it")
+def test_connections_dropped_at_the_open_files_limit_are_logged_and_counted(served_artifact, tmp_path):
+    """Past the descriptor limit a connection cannot be accepted and is dropped unanswered: each
+    is counted, a log line says so (not one per connection), and the server goes on serving."""
+    import resource
+
+    limit = 192
+    server = Server(
+        served_artifact,
+        tmp_path / "server.log",
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)),
+    )
+    held: list[socket.socket] = []
+    try:
+        for _ in range(limit + 40):  # idle connections, each a descriptor in the server
+            s = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+            s.sendall(b"GET /healthz HTTP/1.1\r\n")  # an unfinished head holds the connection
+            held.append(s)
+        time.sleep(1.0)
+        answers = []
+        for s in held[-20:]:  # the last ones are past the ceiling: answered 503 and closed
+            with contextlib.suppress(OSError):
+                answers.append(s.recv(4096))
+        assert answers and all(a.startswith(b"HTTP/1.1 503 ") and b"fd_limit" in a for a in answers), answers
+        for s in held:
+            s.close()
+        held.clear()
+        time.sleep(0.5)
+        with httpx.Client(base_url=server.url, timeout=10) as client:
+            assert client.get("/readyz").status_code == 200  # still accepting
+            text = client.get("/metrics").text
+        dropped = [
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith('detector_rejected_requests_total{reason="fd_limit"}')
+        ]
+        assert dropped and dropped[0] >= 1, text
+    finally:
+        for s in held:
+            s.close()
+        server.stop()
+    log = (tmp_path / "server.log").read_text()
+    lines = [line for line in log.splitlines() if "connections refused with 503" in line]
+    assert len(lines) == 1, log[-3000:]  # one line for all of them (one per 10 s at most)
+
+
+def test_a_refused_artifact_stops_the_server_only_when_nothing_could_replace_it(tmp_path):
+    """``ssd serve --model broken.onnx`` with no poll and no reload token could never serve:
+    it exits non-zero saying why. With SSD_MODEL_POLL_S set (the compose and Kubernetes case) a
+    fixed file may come, so it stays up and says why on /readyz."""
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx file")
+    argv = [sys.executable, "-c", NO_TORCH, "serve", "--model", str(broken), "--port", str(free_port())]
+    env = {**os.environ, "SSD_PROVIDERS": "cpu", "SSD_DRAIN_S": "0", "SSD_MODEL_POLL_S": "0"}
+    env.pop("SSD_ADMIN_TOKEN", None)
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert (
+        "INVALID_PROTOBUF" in done.stdout + done.stderr
+        and "nothing can replace it" in done.stdout + done.stderr
+    )
+
+    server = Server(broken, tmp_path / "polled.log", SSD_MODEL_POLL_S="1", wait_ready=False)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                ready = httpx.get(server.url + "/readyz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline and server.process.poll() is None, "not serving"
+                time.sleep(0.2)
+        assert ready.status_code == 503 and "INVALID_PROTOBUF" in ready.json()["error"]["message"]
+        assert ready.headers["retry-after"] == "5"
     finally:
         server.stop()
 

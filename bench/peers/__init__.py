@@ -114,7 +114,8 @@ def _ours_command(artifact: Path, port: int, max_batch: int, max_delay_ms: float
     argv = [sys.executable, "-m", "cli", "serve", "--model", str(artifact), "--port", str(port)]
     # A queue of 256 images (the default): the load, not admission, decides (the peers have no
     # such bound); `ssd bench overload` and `soak` measure admission with every default.
-    env = {"SSD_MAX_QUEUE_SIZE": "256"}
+    # No drain when the benchmark stops it (SIGTERM): no load balancer to wait for.
+    env = {"SSD_MAX_QUEUE_SIZE": "256", "SSD_DRAIN_S": "0"}
     return argv, {**_ssd_env(threads, max_batch, max_delay_ms), **env}
 
 

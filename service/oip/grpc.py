@@ -180,7 +180,7 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
-            return pb.ServerReadyResponse(ready=self.state.repository.ready)
+            return pb.ServerReadyResponse(ready=self.state.not_ready() is None)
 
         return await self._call("ServerReady", context, work)
 

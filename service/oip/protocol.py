@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import APIError
-from ..pipeline import Call, Query
+from ..pipeline import Call, Query, not_ready
 from ..repository import ServedModel
 from ..state import State
 
@@ -122,7 +122,7 @@ def model_metadata(state: State, model: ServedModel) -> dict[str, Any]:
     """Name, versions, platform, the inputs and outputs, and the artifact's facts (class names
     first) as parameters."""
     if model.detector is None:
-        raise APIError(503, f"model {model.name} is not loaded yet", "not_ready", {"Retry-After": "5"})
+        raise not_ready(model)
     info = model.detector.info
     height, width = info.input_size
     versions = [str(m.version) for m in state.repository.models() if m.name == model.name]

@@ -36,6 +36,7 @@ from starlette.types import Scope
 from ..dependencies import CallDep, StateDep, served
 from ..door import Head
 from ..errors import APIError
+from ..pipeline import not_ready
 from ..settings import Settings
 from ..uploads import Body, read_raw, until_disconnect
 from .protocol import (
@@ -267,7 +268,7 @@ async def live() -> dict[str, bool]:
 
 @router.get("/health/ready")
 async def ready(state: StateDep) -> JSONResponse:
-    ok = state.repository.ready
+    ok = state.not_ready() is None
     return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
 
 
@@ -282,14 +283,14 @@ async def metadata(state: StateDep, name: Name, version: str | None = None) -> d
 async def model_ready(state: StateDep, name: Name, version: str | None = None) -> JSONResponse:
     model = served(state, name, version)
     if not model.ready:
-        raise APIError(503, f"model {name} is not loaded yet", "not_ready", {"Retry-After": "5"})
+        raise not_ready(model)
     return JSONResponse({"name": model.name, "ready": True})
 
 
 @router.post("/repository/index")
 async def repository_index(state: StateDep) -> list[dict[str, Any]]:
     """Triton's repository index (read-only): every model with its version and state."""
-    return [{"name": m.name, "version": str(m.version), "state": m.state} for m in state.repository.models()]
+    return [m.index_entry() for m in state.repository.models()]
 
 
 @router.post("/models/{name}/infer")
