@@ -85,6 +85,8 @@ $(TRITONCLIENT_PYTHON): tests/tritonclient/requirements.txt | uv
 proto: install
 	$(UV) run --frozen python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
 		service/oip/proto/open_inference_grpc.proto
+	$(UV) run --frozen python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
+		service/oip/proto/model_config.proto service/oip/proto/triton_repository.proto
 
 lint: install
 	$(UV) run --frozen ruff check .

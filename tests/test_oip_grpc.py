@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -16,28 +17,37 @@ import numpy as np
 import pytest
 from live import free_port
 from test_oip import INFER, MODEL, binary_request, parse_response
-from test_service import CLASSES, encode, metric, run, scene, serving, settings
+from test_service import CLASSES, encode, metric, run, scene, serving, serving_state, settings
 
 from service.oip.proto import open_inference_grpc_pb2 as pb
 from service.oip.proto import open_inference_grpc_pb2_grpc as pb_grpc
+from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-PROTO = Path("service/oip/proto/open_inference_grpc.proto")
-GENERATED = ("open_inference_grpc_pb2.py", "open_inference_grpc_pb2.pyi", "open_inference_grpc_pb2_grpc.py")
+PROTOS = Path("service/oip/proto")
+# Each .proto and what is generated from it (the Makefile's `proto` target).
+GENERATED = {
+    "open_inference_grpc": ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"),
+    "model_config": ("_pb2.py", "_pb2.pyi"),
+    "triton_repository": ("_pb2.py", "_pb2.pyi"),
+}
 
 
-def test_the_committed_stubs_are_generated_from_the_committed_proto(tmp_path):
+@pytest.mark.parametrize("proto", list(GENERATED))
+def test_the_committed_stubs_are_generated_from_the_committed_proto(tmp_path, proto):
     target = tmp_path / "out"
-    (target / PROTO.parent).mkdir(parents=True)
+    (target / PROTOS).mkdir(parents=True)
+    grpc_out = [f"--grpc_python_out={target}"] if "_pb2_grpc.py" in GENERATED[proto] else []
     done = subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--python_out={target}",
-         f"--pyi_out={target}", f"--grpc_python_out={target}", str(PROTO)],
+         f"--pyi_out={target}", *grpc_out, str(PROTOS / f"{proto}.proto")],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    for name in GENERATED:
-        fresh = (target / PROTO.parent / name).read_text()
-        assert fresh == (ROOT / PROTO.parent / name).read_text(), f"{name} is stale: run make proto"
+    for suffix in GENERATED[proto]:
+        name = proto + suffix
+        fresh = (target / PROTOS / name).read_text()
+        assert fresh == (ROOT / PROTOS / name).read_text(), f"{name} is stale: run make proto"
 
 
 def infer_request(images=(), pixels=None, **parameters) -> pb.ModelInferRequest:
@@ -97,6 +107,98 @@ def test_health_and_metadata(served_artifact):
         assert metric(text, 'detector_requests_total{code="404",route="ModelMetadata"}') == 1
 
     with_grpc(served_artifact, check)
+
+
+def test_tritons_model_config_and_repository_index_on_both_transports(served_artifact, tmp_path):
+    """Triton's two methods beyond the protocol's six, from its own messages: the model
+    configuration (class names in its parameters) and the repository index (a refused file with
+    its reason; ``ready`` lists the ready ones alone), the same over REST and gRPC."""
+    from google.protobuf import json_format
+
+    from service.oip.proto import triton_repository_pb2 as triton
+
+    folder = tmp_path / "repo"
+    folder.mkdir()
+    shutil.copy(served_artifact, folder / "shapes.onnx")
+    (folder / "broken.onnx").write_bytes(b"not a model")
+
+    port = free_port()
+
+    async def go():
+        config = Settings(providers=["cpu"], intra_op_threads=2, grpc_port=port, model_dir=str(folder))
+        async with serving(config) as client, grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await check(client, channel)
+
+    async def check(client, channel):
+        def method(name, request, response):
+            path = f"/inference.GRPCInferenceService/{name}"
+            return channel.unary_unary(path, request.SerializeToString, response.FromString)
+
+        config = method("ModelConfig", triton.ModelConfigRequest, triton.ModelConfigResponse)
+        index = method("RepositoryIndex", triton.RepositoryIndexRequest, triton.RepositoryIndexResponse)
+        over_grpc = json_format.MessageToDict(
+            (await config(triton.ModelConfigRequest(name="shapes"))).config, preserving_proto_field_name=True
+        )
+        over_rest = (await client.get("/v2/models/shapes/config")).json()
+        assert json.loads(over_rest["parameters"]["classes"]["string_value"]) == CLASSES
+        assert over_grpc["parameters"] == over_rest["parameters"]
+        assert over_grpc["input"][1]["dims"] == ["320", "320", "3"] and over_rest["input"][1]["dims"] == [
+            320,
+            320,
+            3,
+        ]
+        assert over_grpc["input"][0]["reshape"] == {} and over_rest["input"][0]["reshape"] == {"shape": []}
+        assert (await client.get("/v2/models/shapes/versions/1/config")).json() == over_rest
+        assert (await client.get("/v2/models/nope/config")).status_code == 404
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await config(triton.ModelConfigRequest(name="broken"))
+        assert (
+            caught.value.code() == grpc.StatusCode.UNAVAILABLE
+            and "INVALID_PROTOBUF" in caught.value.details()
+        )
+
+        everything = json_format.MessageToDict(await index(triton.RepositoryIndexRequest()))["models"]
+        assert everything == (await client.post("/v2/repository/index")).json()
+        (broken,) = [m for m in everything if m["name"] == "broken"]
+        assert broken["state"] == "UNAVAILABLE" and "INVALID_PROTOBUF" in broken["reason"]
+        ready = json_format.MessageToDict(await index(triton.RepositoryIndexRequest(ready=True)))["models"]
+        assert ready == [{"name": "shapes", "version": "1", "state": "READY"}]
+        assert (await client.post("/v2/repository/index", json={"ready": True})).json() == ready
+        assert (await client.post("/v2/repository/index", content=b"{")).status_code == 400
+        assert (await client.post("/v2/repository/index", content=b" " * 5000)).status_code == 413
+
+    run(go())
+
+
+def test_draining_is_not_ready_on_every_readiness_route_while_serving(served_artifact):
+    """Readiness has one source (State.not_ready): while draining, /readyz, /v2/health/ready,
+    gRPC ServerReady and the detector_ready gauge all say not ready, and inference still serves."""
+
+    port = free_port()
+
+    async def go():
+        config = settings(served_artifact, grpc_port=port)
+        async with (
+            serving_state(config) as (client, state),
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            await check(client, pb_grpc.GRPCInferenceServiceStub(channel), state)
+
+    async def check(client, stub, state):
+        assert (await client.get("/readyz")).status_code == 200
+        state.draining = True
+        readyz = await client.get("/readyz")
+        assert readyz.status_code == 503 and "draining" in readyz.json()["error"]["message"]
+        assert (await client.get("/v2/health/ready")).status_code == 503
+        assert not (await stub.ServerReady(pb.ServerReadyRequest())).ready
+        assert metric((await client.get("/metrics")).text, "detector_ready") == 0
+        response = await client.post(
+            "/detect", content=encode(scene(seed=3)), headers={"Content-Type": "image/jpeg"}
+        )
+        assert response.status_code == 200
+        assert (await stub.ModelReady(pb.ModelReadyRequest(name=MODEL))).ready  # the model is
+
+    run(go())
 
 
 def test_inference_equals_rest(served_artifact):

@@ -95,7 +95,26 @@ def test_health_and_metadata(answers):
         assert [o["name"] for o in model["outputs"]] == ["num_detections", "boxes", "scores", "labels"]
     assert meta["http_model"]["parameters"]["classes"] == CLASSES
     # Triton's .proto has no ModelMetadataResponse.properties: its client drops the class names
-    # there (tests/test_oip_grpc.py reads them with the protocol's own stubs).
+    # there (tests/test_oip_grpc.py reads them with the protocol's own stubs); its model
+    # configuration has them (below).
+
+
+def test_model_config_and_repository_index_over_both_transports(answers):
+    config = answers["client"]["config"]
+    assert json.loads(config["grpc_classes"]) == CLASSES  # as the Triton user reads them
+    http, grpc = config["http"], config["grpc"]["config"]
+    assert json.loads(http["parameters"]["classes"]["string_value"]) == CLASSES
+    for c in (http, grpc):
+        assert c["name"] == MODEL and c["platform"] == "onnxruntime_onnx"
+        assert [i["name"] for i in c["input"]] == ["images", "pixels"]
+        assert [o["name"] for o in c["output"]] == ["num_detections", "boxes", "scores", "labels"]
+        assert json.loads(c["parameters"]["classes"]["string_value"]) == CLASSES
+    assert http["input"][1]["dims"] == [320, 320, 3] and http["input"][1]["data_type"] == "TYPE_UINT8"
+    assert [int(d) for d in grpc["input"][1]["dims"]] == [320, 320, 3]  # int64 is a string in JSON
+    assert int(grpc["max_batch_size"]) == http["max_batch_size"] > 0
+    index = answers["client"]["index"]
+    assert index["http"] == [{"name": MODEL, "version": "1", "state": "READY"}]
+    assert index["grpc"]["models"] == [{"name": MODEL, "version": "1", "state": "READY"}]
 
 
 def _same(outputs: dict, detect: dict) -> None:

@@ -31,13 +31,16 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from ..accounting import NO_MODEL, Outcome
 from ..errors import APIError, client_gone
 from ..pipeline import Call, lookup
 from ..state import State
+from .proto import model_config_pb2
 from .proto import open_inference_grpc_pb2 as pb
 from .proto import open_inference_grpc_pb2_grpc as pb_grpc
+from .proto import triton_repository_pb2 as triton
 from .protocol import (
     DATATYPES,
     OUTPUT_TYPES,
@@ -46,7 +49,9 @@ from .protocol import (
     check_outputs,
     element_count,
     from_raw,
+    model_config,
     model_metadata,
+    repository_index,
     run,
     server_metadata,
 )
@@ -198,6 +203,24 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
 
         return await self._call("ServerMetadata", context, work)
 
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            config = model_config(self.state, _served(self.state, request.name, request.version))
+            return triton.ModelConfigResponse(
+                config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
+            )
+
+        return await self._call("ModelConfig", context, work)
+
+    async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
+            models = repository_index(self.state, request.ready)
+            return triton.RepositoryIndexResponse(
+                models=[triton.RepositoryIndexResponse.ModelIndex(**m) for m in models]
+            )
+
+        return await self._call("RepositoryIndex", context, work)
+
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> Any:
             meta = model_metadata(self.state, _served(self.state, request.name, request.version))
@@ -291,6 +314,16 @@ def _handlers(servicer: Servicer) -> dict[str, grpc.RpcMethodHandler]:
             handlers.update(methods)
 
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, Collect())
+    # Two of Triton's methods beyond the protocol's six, which its tools and clients call.
+    for name, request, response in (
+        ("ModelConfig", triton.ModelConfigRequest, triton.ModelConfigResponse),
+        ("RepositoryIndex", triton.RepositoryIndexRequest, triton.RepositoryIndexResponse),
+    ):
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
     handlers["ModelInfer"] = grpc.stream_unary_rpc_method_handler(
         servicer.ModelInfer,
         request_deserializer=lambda raw: (len(raw), pb.ModelInferRequest.FromString(raw)),

@@ -18,6 +18,7 @@ protocol's 400 (``oip_status``).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -148,6 +149,51 @@ def model_metadata(state: State, model: ServedModel) -> dict[str, Any]:
             "input_size": [height, width],
             "max_detections": info.max_detections,
             "score_threshold": info.score_threshold,
+        },
+    }
+
+
+def repository_index(state: State, ready_only: bool = False) -> list[dict[str, str]]:
+    """Triton's repository index: every model listed with its version, state and, where it is
+    not ready, the reason (``ready_only``: the ready ones alone, as Triton's ``ready`` flag)."""
+    return [m.index_entry() for m in state.repository.models() if m.ready or not ready_only]
+
+
+# Triton's model configuration data types, by the protocol's.
+CONFIG_TYPES = {"BYTES": "TYPE_STRING", "UINT8": "TYPE_UINT8", "INT64": "TYPE_INT64", "FP32": "TYPE_FP32"}
+
+
+def model_config(state: State, model: ServedModel) -> dict[str, Any]:
+    """The model as Triton's model configuration (``model_config.proto``, in its JSON form): what
+    Triton's tools and clients read (``get_model_config``). The batch dimension is the first of
+    each tensor, dropped from ``dims``, as a batching Triton model states it; a request holds
+    at most SSD_MAX_IMAGES_PER_REQUEST images, which the dynamic batcher gathers into batches of
+    SSD_MAX_BATCH_SIZE. The parameters are the metadata's, each value a string (JSON where it is
+    not one): ``parameters["classes"]["string_value"]`` is the class list."""
+    meta = model_metadata(state, model)
+    settings = state.settings
+
+    def tensor(t: dict[str, Any]) -> dict[str, Any]:
+        dims = t["shape"][1:]
+        out: dict[str, Any] = {"name": t["name"], "data_type": CONFIG_TYPES[t["datatype"]]}
+        # A tensor of one value per image: Triton's dims [1], reshaped to none.
+        return out | ({"dims": dims} if dims else {"dims": [1], "reshape": {"shape": []}})
+
+    return {
+        "name": meta["name"],
+        "platform": meta["platform"],
+        "backend": "onnxruntime",
+        "version_policy": {"latest": {"num_versions": len(meta["versions"])}},
+        "max_batch_size": settings.max_images_per_request,
+        "input": [tensor(t) for t in meta["inputs"]],
+        "output": [tensor(t) for t in meta["outputs"]],
+        "dynamic_batching": {
+            "preferred_batch_size": [settings.max_batch_size],
+            "max_queue_delay_microseconds": int(settings.max_queue_delay_ms * 1000),
+        },
+        "parameters": {
+            key: {"string_value": value if isinstance(value, str) else json.dumps(value)}
+            for key, value in meta["parameters"].items()
         },
     }
 

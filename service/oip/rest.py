@@ -47,7 +47,9 @@ from .protocol import (
     check_outputs,
     element_count,
     from_raw,
+    model_config,
     model_metadata,
+    repository_index,
     run,
     server_metadata,
 )
@@ -287,10 +289,38 @@ async def model_ready(state: StateDep, name: Name, version: str | None = None) -
     return JSONResponse({"name": model.name, "ready": True})
 
 
+@router.get("/models/{name}/config")
+@router.get("/models/{name}/versions/{version}/config")
+async def config(state: StateDep, name: Name, version: str | None = None) -> dict[str, Any]:
+    """Triton's model configuration of a model (``protocol.model_config``)."""
+    return model_config(state, served(state, name, version))
+
+
+INDEX_BODY_LIMIT = 4096
+
+
 @router.post("/repository/index")
-async def repository_index(state: StateDep) -> list[dict[str, Any]]:
-    """Triton's repository index (read-only): every model with its version and state."""
-    return [m.index_entry() for m in state.repository.models()]
+async def index(request: Request, state: StateDep) -> list[dict[str, Any]]:
+    """Triton's repository index (read-only); the body, if any, may ask ``{"ready": true}``."""
+    body = b""
+    async for chunk in request.stream():  # a few bytes at most: read no more than that
+        body += chunk
+        if len(body) > INDEX_BODY_LIMIT:
+            raise APIError(
+                413,
+                f"a repository index request's body is at most {INDEX_BODY_LIMIT} bytes",
+                "payload_too_large",
+            )
+    ready = False
+    if body.strip():
+        try:
+            asked = json.loads(body)
+        except ValueError:
+            raise bad("the repository index request's body is not JSON") from None
+        ready = asked.get("ready", False) if isinstance(asked, dict) else None
+        if not isinstance(ready, bool):
+            raise bad('the repository index request\'s body: {"ready": true or false} is all it takes')
+    return repository_index(state, ready)
 
 
 @router.post("/models/{name}/infer")

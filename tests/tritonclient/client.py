@@ -116,7 +116,17 @@ def main() -> int:
         "http_timeout_parameter": error(
             lambda: http.infer(model, [bytes_input(httpclient, images[:1])], timeout=1)  # 1 µs
         ),
-        "grpc_unimplemented": error(lambda: grpc.get_model_config(model)),
+        "grpc_unimplemented": error(lambda: grpc.get_inference_statistics(model)),
+    }
+    # Triton's model configuration and repository index, as its tools read them.
+    out["config"] = {
+        "http": http.get_model_config(model),
+        "grpc": grpc.get_model_config(model, as_json=True),
+        "grpc_classes": grpc.get_model_config(model).config.parameters["classes"].string_value,
+    }
+    out["index"] = {
+        "http": http.get_model_repository_index(),
+        "grpc": grpc.get_model_repository_index(as_json=True),
     }
 
     # A burst: N concurrent requests over each protocol (the HTTP client's own async_infer pool,
