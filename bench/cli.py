@@ -26,6 +26,10 @@ SERVING = {
         "bench.request_path",
         "one /detect request's path: the service modules it crosses, and how often",
     ),
+    "drain": (
+        "bench.drain",
+        "SIGTERM under load: readiness 503, the listener's close, the last answer, the exit",
+    ),
     "hostile": (
         "bench.hostile",
         "hostile inputs and clients beside normal load: the contract's answers, bounded memory",
