@@ -26,6 +26,10 @@ SERVING = {
         "bench.request_path",
         "one /detect request's path: the service modules it crosses, and how often",
     ),
+    "frontend": (
+        "bench.frontend",
+        "CPU per request by thread (event loop, decoding, inference), beside a bare endpoint",
+    ),
     "drain": (
         "bench.drain",
         "SIGTERM under load: readiness 503, the listener's close, the last answer, the exit",

@@ -48,6 +48,7 @@ import numpy as np
 from .artifact import Detections, Detector
 from .estimates import BatchTimes, Lateness, Pace
 from .metrics import ModelMetrics
+from .threadnames import name_inference_thread
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,9 @@ class Batcher:
         # ONNX Runtime parallelises inside a run; one run at a time keeps its threads busy
         # without oversubscribing the cores. A repository's models share one such thread.
         self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = executor or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="inference", initializer=name_inference_thread
+        )
 
     def __len__(self) -> int:
         return len(self._queue)

@@ -25,6 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from .images import Decoded, ImageTooLarge, Opened, finish, open_image
 from .memory import release_free_memory
 from .metrics import Metrics
+from .threadnames import DECODE, name_this_thread
 
 MB = 1024 * 1024
 
@@ -66,6 +67,7 @@ def _yield_to_inference() -> None:
     the p99 against 38.5 ms with +10.
     Linux only: there setpriority on a thread id applies to that thread alone.
     """
+    name_this_thread(DECODE)
     if sys.platform != "linux":
         return
     thread = threading.get_native_id()

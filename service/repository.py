@@ -30,6 +30,7 @@ from .batcher import Batcher
 from .metrics import Metrics
 from .runtime import GPURequired, ModelRuntime, stamp
 from .settings import Settings
+from .threadnames import name_inference_thread
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,9 @@ class Repository:
         self.metrics = metrics
         self.folder = Path(settings.model_dir) if settings.model_dir else None
         self._models: dict[tuple[str, int], ServedModel] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inference")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="inference", initializer=name_inference_thread
+        )
         self._poller: asyncio.Task[None] | None = None
         self._retiring: set[asyncio.Task[None]] = set()
 

@@ -22,6 +22,7 @@ from .artifact import ArtifactError, Detector
 from .memory import release_free_memory
 from .metrics import ModelMetrics
 from .settings import Settings
+from .threadnames import ONNXRUNTIME, name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ class ModelRuntime:
         """Load, check the providers, warm up every batch size: runs in a worker thread. The
         detector, and the seconds a run of each batch size took once warm."""
         s = self.settings
+        name_this_thread(ONNXRUNTIME)  # the session's thread pool, made now, takes the name
         detector = Detector(path, providers=s.providers, intra_op_threads=s.intra_op_threads)
         if s.require_gpu and "CUDAExecutionProvider" not in detector.providers:
             raise GPURequired(

@@ -286,3 +286,39 @@ def test_bench_path_follows_one_request_through_the_service(capsys):
     assert {"service.pipeline", "service.detect", "service.batcher"} <= set(figures["by_module"])
     assert figures["hops"] >= figures["modules"] > 5
     assert "service.detect -> service.pipeline" in figures["crossings"]
+
+
+def test_the_null_artifact_has_the_demo_models_interface_and_is_current():
+    """models/null.onnx (``ssd bench frontend``'s model): the demo model's input, outputs and
+    metadata, constant detections for every image of a batch, and the bytes that
+    bench/null_artifact.py writes today (so that before and after measure the same file)."""
+    from bench.null_artifact import DETECTIONS, OUT, build
+    from service.artifact import Detector
+
+    assert build().SerializeToString() == OUT.read_bytes(), "stale: python -m bench.null_artifact"
+    null, demo = Detector(str(OUT), providers=["cpu"]), Detector(str(DEMO), providers=["cpu"])
+    assert null.info.name == "null"
+    assert (null.info.classes, null.info.input_size, null.info.max_detections) == (
+        demo.info.classes, demo.info.input_size, demo.info.max_detections
+    )  # fmt: skip
+    images = np.zeros((5, *demo.info.input_size, 3), np.uint8)
+    found = null.detect(images)
+    assert len(found) == 5 and all(len(d.scores) == DETECTIONS for d in found)
+    assert all((d.boxes == found[0].boxes).all() and (d.labels == found[0].labels).all() for d in found)
+
+
+@pytest.mark.slow
+def test_bench_frontend_counts_cpu_by_thread():
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "bench", "frontend", "--runs", "1", "--seconds", "1", "--clients", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    (run,) = report["runs"]
+    assert set(run["detect"]["statuses"]) == {"200"} and set(run["bare"]["statuses"]) == {"200"}
+    assert "503" in run["refusal"]["statuses"]
+    detect = report["median"]["detect"]
+    # Each kind of thread was found: the event loop, and the named decode and inference threads.
+    assert detect["event_loop"] > 0 and detect["decoding"] > 0 and detect["inference"] > 0
+    assert report["median"]["bare"]["event_loop"] > 0
