@@ -117,7 +117,7 @@ def _add_operational_routes(app: FastAPI) -> None:
         chosen = served(state, model, version)
         detector = chosen.detector
         if detector is None:
-            raise not_ready(chosen)
+            raise not_ready(chosen.why_not_ready())
         info = detector.info
         return {
             **chosen.identity(),

@@ -120,14 +120,14 @@ def lookup(repository: Repository, name: str | None, version: int | str | None =
     try:
         return repository.get(name, version)
     except NoModel as exc:
-        raise APIError(503, str(exc), "not_ready", {"Retry-After": "5"}) from None
+        raise not_ready(str(exc)) from None
     except ModelNotFound as exc:
         raise APIError(404, str(exc), "model_not_found") from None
 
 
-def not_ready(model: ServedModel) -> APIError:
-    """The 503 for a model that serves nothing, saying why."""
-    return APIError(503, model.why_not_ready(), "not_ready", {"Retry-After": "5"})
+def not_ready(why: str) -> APIError:
+    """The 503 for a request nothing can serve yet (a model not loaded, no model at all): why."""
+    return APIError(503, why, "not_ready", {"Retry-After": "5"})
 
 
 def refusal(exc: Exception) -> APIError:
@@ -179,7 +179,7 @@ class Call:
             raise
         self.label = model.name  # a name the repository serves: a bounded label set
         if model.detector is None:
-            self._lookup = not_ready(model)
+            self._lookup = not_ready(model.why_not_ready())
             raise self._lookup
         self.model, self._info = model, model.detector.info
         return model

@@ -210,24 +210,17 @@ class Repository:
             return f"no model to serve: SSD_MODEL_DIR {folder} is not a folder"
         return f"no model to serve: SSD_MODEL_DIR {folder} holds no NAME.onnx or NAME/VERSION/{ARTIFACT}"
 
-    @property
-    def ready(self) -> bool:
-        """The default model serves. A broken file of another model is no model: it must not
-        take a replica that serves the others out of its load balancer (it is listed as
-        UNAVAILABLE with its reason, logged and counted instead). Models found at start are all
-        loaded or refused before the server listens; one added later is listed once loaded."""
-        try:
-            return self.get().ready
-        except ModelNotFound:
-            return False
-
-    def not_ready(self) -> str:
-        """Why ``ready`` is False, for /readyz."""
+    def not_ready(self) -> str | None:
+        """Why the repository cannot serve the routes that name no model (None: it can, the
+        default model serves). A broken file of another model is no model: it must not take a
+        replica that serves the others out of its load balancer (it is listed as UNAVAILABLE
+        with its reason, logged and counted instead). Models found at start are all loaded or
+        refused before the server listens; one added later is listed once loaded."""
         try:
             model = self.get()
         except ModelNotFound as exc:
             return str(exc)
-        return f"the default {model.why_not_ready()}"
+        return None if model.ready else f"the default {model.why_not_ready()}"
 
     # --- Life --------------------------------------------------------------------------------
 

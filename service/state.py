@@ -33,9 +33,7 @@ class State:
         not loaded. /readyz, /v2/health/ready and gRPC ServerReady all answer from this."""
         if self.draining:
             return "draining: the server is shutting down"
-        if not self.repository.ready:
-            return self.repository.not_ready()
-        return None
+        return self.repository.not_ready()
 
     def __post_init__(self) -> None:
         # Read at each scrape: the gauge cannot disagree with /readyz.

@@ -123,7 +123,7 @@ def model_metadata(state: State, model: ServedModel) -> dict[str, Any]:
     """Name, versions, platform, the inputs and outputs, and the artifact's facts (class names
     first) as parameters."""
     if model.detector is None:
-        raise not_ready(model)
+        raise not_ready(model.why_not_ready())
     info = model.detector.info
     height, width = info.input_size
     versions = [str(m.version) for m in state.repository.models() if m.name == model.name]

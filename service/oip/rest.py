@@ -285,7 +285,7 @@ async def metadata(state: StateDep, name: Name, version: str | None = None) -> d
 async def model_ready(state: StateDep, name: Name, version: str | None = None) -> JSONResponse:
     model = served(state, name, version)
     if not model.ready:
-        raise not_ready(model)
+        raise not_ready(model.why_not_ready())
     return JSONResponse({"name": model.name, "ready": True})
 
 
