@@ -75,6 +75,10 @@ class Server:
 
     def __enter__(self) -> Server:
         if self.artifact is not None and self.process is None and self.host == "127.0.0.1":
+            if not self.artifact.exists():
+                # The service would wait for the file to appear (a retrain job may write it later);
+                # a benchmark would only time out, so it is refused here by name.
+                raise FileNotFoundError(f"no model artifact at {self.artifact}")
             argv, env = self.peer.command(
                 self.artifact,
                 self.port,
