@@ -5,14 +5,16 @@ that inference costs next to nothing, and a 64x48 JPEG so that decoding costs li
 left is the front end. CLIENTS closed-loop clients for SECONDS; each server thread's CPU time
 (``/proc/PID/task/TID/stat``) over the run, divided by the requests answered, by the thread's
 kind (its OS name, service/threadnames.py): the event loop (the main thread), decoding,
-inference (the inference thread and ONNX Runtime's pool) and other. Three loads, each on a
-server of its own:
+inference (the inference thread and ONNX Runtime's pool), the log's writer and other. Four
+loads, the first two each on a server of its own:
 
 - ``detect``: ``POST /detect`` answered 200;
 - ``refusal``: the same with ``timeout_ms=1``, refused at the door (503, which closes the
   connection: the clients reconnect, and the accept is in the count);
 - ``bare``: a Starlette endpoint on the same uvicorn (the same loop and HTTP implementation),
-  reading the body and answering the same JSON: the floor of the stack.
+  reading the body and answering the same JSON: the floor of the stack;
+- ``bare_refusal``: the same server answering a 503 that closes the connection, unread body
+  and all: the floor of a refusal (the accept and the close are most of it).
 
 Median of RUNS runs, each figure in CPU milliseconds per answered request.
 """
@@ -35,7 +37,8 @@ from .server import Server, ServerSettings, free_port, get
 
 ROOT = Path(__file__).resolve().parents[1]
 NULL = ROOT / "models" / "null.onnx"
-KINDS = ("event_loop", "decoding", "inference", "other")
+LOADS = ("detect", "refusal", "bare", "bare_refusal")
+KINDS = ("event_loop", "decoding", "inference", "log", "other")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -74,6 +77,8 @@ def kind(pid: int, tid: int, name: str) -> str:
         return "decoding"
     if name in ("ssd-inference", "ssd-onnxruntime"):
         return "inference"
+    if name == "ssd-log":
+        return "log"
     return "other"
 
 
@@ -97,12 +102,18 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 ANSWER = {answer!r}
+REFUSAL = b'{{"error": {{"code": "overloaded", "message": "refused"}}}}'
 
 async def detect(request):
     await request.body()
     return Response(ANSWER, media_type="application/json")
 
-app = Starlette(routes=[Route("/detect", detect, methods=["POST"])])
+async def refuse(request):
+    return Response(REFUSAL, 503, {{"Retry-After": "1", "Connection": "close"}}, "application/json")
+
+app = Starlette(routes=[
+    Route("/detect", detect, methods=["POST"]), Route("/refuse", refuse, methods=["POST"])
+])
 """
 
 
@@ -149,6 +160,8 @@ def one_run(args: argparse.Namespace, image: bytes) -> dict[str, dict]:
                     raise RuntimeError("the bare endpoint did not start") from None
                 time.sleep(0.2)
         out["bare"] = measure(bare.pid, port, _http("/detect", port, image), args.clients, args.seconds)
+        refuse = _http("/refuse", port, image)
+        out["bare_refusal"] = measure(bare.pid, port, refuse, args.clients, args.seconds)
     finally:
         bare.terminate()
         bare.wait(30)
@@ -169,7 +182,7 @@ def main(args: argparse.Namespace) -> int:
     image = tiny_jpeg()
     runs = [one_run(args, image) for _ in range(args.runs)]
     summary: dict[str, object] = {}
-    for load in ("detect", "refusal", "bare"):
+    for load in LOADS:
         summary[load] = {
             key: statistics.median(r[load]["cpu_ms"][key] for r in runs) for key in (*KINDS, "total")
         } | {"requests_per_s": statistics.median(r[load]["requests_per_s"] for r in runs)}
@@ -177,6 +190,10 @@ def main(args: argparse.Namespace) -> int:
     ratios = {
         "detect_event_loop_over_bare": round(summary["detect"]["event_loop"] / bare, 2),  # type: ignore[index]
         "refusal_event_loop_over_bare": round(summary["refusal"]["event_loop"] / bare, 2),  # type: ignore[index]
+        "refusal_event_loop_over_bare_refusal": round(
+            summary["refusal"]["event_loop"] / summary["bare_refusal"]["total"],
+            2,  # type: ignore[index]
+        ),
     }
     print(json.dumps({"command": "ssd bench frontend " + " ".join(sys.argv[3:]), "clients": args.clients,
                       "seconds": args.seconds, "model": args.model, "median": summary, "ratios": ratios,

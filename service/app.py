@@ -22,6 +22,7 @@ from .budget import RequestBudget
 from .decoding import Decoder
 from .dependencies import ModelQuery, StateDep, VersionQuery, known_query, served
 from .door import Door
+from .endpoints import InferenceRoutes
 from .errors import APIError
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import ObservabilityMiddleware
@@ -79,12 +80,16 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         redoc_url=None,
     )
     errors.install(app)
-    # Each added outside the one before. The body guard inside the accounting: its 408s are
-    # counted and logged. The door outside both (service/door.py): a refusal skips them.
+    # Each added outside the one before. The inference routes innermost (service/endpoints.py):
+    # every layer below stands in front of them as of every route. The body guard inside the
+    # accounting: its 408s are counted and logged. The door outside both (service/door.py): a
+    # refusal skips them.
+    inference = [detect.ENDPOINT, oip_rest.ENDPOINT]
+    app.add_middleware(InferenceRoutes, endpoints=inference)
     app.add_middleware(BodyRateGuard, timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
     app.add_middleware(ObservabilityMiddleware, accounting=accounting)
-    app.add_middleware(Door, heads=[detect.head, oip_rest.head])
-    app.add_api_route("/detect", detect.detect, methods=["POST"], dependencies=[Depends(known_query)])
+    app.add_middleware(Door, heads=[e.head for e in inference])
+    app.add_api_route(detect.PATH, detect.declaration, methods=["POST"], response_model=None)
     app.include_router(oip_rest.router)
     _add_operational_routes(app)
     return app

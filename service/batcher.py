@@ -400,7 +400,7 @@ class Batcher:
         return batch
 
     def _inference(
-        self, detector: Detector, pixels: np.ndarray, expected: float
+        self, detector: Detector, images: list[np.ndarray], expected: float
     ) -> tuple[list[Detections], float]:
         """One batch, on the inference thread: its detections and how long it ran, timed from
         when it started there. (Timed from the event loop, a batch waiting for another model's
@@ -409,7 +409,9 @@ class Batcher:
         started = time.perf_counter()
         self._running = (self.clock(), expected)
         try:
-            return detector.detect(pixels), time.perf_counter() - started
+            # Stacked here, not on the event loop: a batch of 8 images of 320x320 is 2.4 MB to
+            # copy, 0.7 ms of the loop's CPU per batch on two cores.
+            return detector.detect(np.stack(images)), time.perf_counter() - started
         finally:
             self._running = None
 
@@ -431,11 +433,10 @@ class Batcher:
                 for item in batch:
                     item.future.set_exception(ShuttingDown("no model is loaded"))
                 continue
-            pixels = np.stack([item.pixels for item in batch])
             expected = self.times.of(len(batch))
             try:
                 results, elapsed = await loop.run_in_executor(
-                    self._executor, self._inference, detector, pixels, expected
+                    self._executor, self._inference, detector, [item.pixels for item in batch], expected
                 )
             except Exception as exc:
                 log.exception("inference failed for a batch of %d", len(batch))

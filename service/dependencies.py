@@ -1,15 +1,16 @@
-"""The HTTP routes' dependencies: the app's state, the request's ``Call`` (service/pipeline.py),
-the model query parameters, and the refusal of unknown query parameters."""
+"""The HTTP routes' dependencies: the app's state, the model query parameters, and the refusal
+of unknown query parameters."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
 from .errors import APIError
-from .framework import query_names, route_template
-from .pipeline import Call, lookup
+from .framework import query_names
+from .pipeline import lookup
 from .repository import ServedModel
 from .state import State
 
@@ -22,18 +23,6 @@ async def get_state(request: Request) -> State:
 
 StateDep = Annotated[State, Depends(get_state)]
 
-
-async def get_call(request: Request) -> Call:
-    """The inference request the door opened (service/door.py), or a new one where no door
-    stood (an app mounted under another)."""
-    state = request.scope.setdefault("state", {})
-    call = state.get("call")
-    if call is None:
-        call = state["call"] = Call(request.app.state.service, route_template(request.scope))
-    return call
-
-
-CallDep = Annotated[Call, Depends(get_call)]
 
 ModelQuery = Annotated[
     str | None, Query(max_length=128, description="a model of the repository (default: the default model)")
@@ -48,16 +37,21 @@ def served(state: State, name: str | None, version: int | str | None = None) -> 
     return lookup(state.repository, name, version)
 
 
-async def known_query(request: Request) -> None:
-    """422 for a query parameter the route does not take: a typo (``threshold`` for
+def unknown_query(unknown: Iterable[str], known: Iterable[str]) -> APIError:
+    """422 for query parameters a route does not take: a typo (``threshold`` for
     ``score_threshold``) must not be answered as if it were not there."""
+    return APIError(
+        422,
+        f"unknown query parameters {sorted(unknown)}; this route takes {sorted(known) or 'none'}",
+        "invalid_parameters",
+    )
+
+
+async def known_query(request: Request) -> None:
+    """``unknown_query`` for FastAPI's routes."""
     known = query_names(request.scope)
     if known is None:
         return
-    unknown = sorted(set(request.query_params) - known)
+    unknown = set(request.query_params) - known
     if unknown:
-        raise APIError(
-            422,
-            f"unknown query parameters {unknown}; this route takes {sorted(known) or 'none'}",
-            "invalid_parameters",
-        )
+        raise unknown_query(unknown, known)

@@ -7,50 +7,145 @@ The door (service/door.py) reads the head with ``head``: the model, its version 
 ``timeout_ms`` from the query, so that a request that could not finish in time is refused before
 its body is read. The image count of a multipart body is not known before it is read, so the
 door holds one image's place and the batcher admits the whole count once the body is in.
+
+The route is answered below FastAPI (service/endpoints.py): ``Params`` reads its query.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 from fastapi import Query as Param
-from fastapi import Request
-from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
-from .dependencies import CallDep, ModelQuery, VersionQuery
+from .dependencies import ModelQuery, VersionQuery, unknown_query
 from .door import Head
-from .pipeline import Query
+from .endpoints import Endpoint
+from .errors import APIError
+from .pipeline import Call, Query
 from .uploads import Body, Limits, read_uploads, until_disconnect
 
 PATH = "/detect"
+MODEL_CHARS, VERSION_CHARS = 128, 20  # as ModelQuery and VersionQuery declare them
+
+
+def _pairs(scope: Scope) -> list[tuple[str, str]]:
+    return parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
 
 
 def head(scope: Scope) -> Head | None:
     """The door's reading of a ``/detect`` request (None for other paths)."""
     if scope["path"] != PATH:
         return None
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-
-    def last(key: str) -> str | None:
-        values = query.get(key)
-        return values[-1] if values else None
-
-    timeout = last("timeout_ms")
+    query = dict(_pairs(scope))  # the last of a repeated parameter, as everywhere
+    timeout = query.get("timeout_ms")
     try:
         timeout_ms = float(timeout) if timeout is not None else None
     except ValueError:
         timeout_ms = math.nan
     if timeout_ms is not None and not math.isfinite(timeout_ms):
         timeout_ms = -1.0  # refused by the route's validation: the door lets it through
-    return Head(PATH, last("model"), last("version"), timeout_ms)
+    return Head(PATH, query.get("model"), query.get("version"), timeout_ms)
 
 
-async def detect(
-    request: Request,
-    call: CallDep,
+@dataclass(frozen=True)
+class Params:
+    """``/detect``'s query, checked for type (ranges are the model's: ``Query.parse``, and the
+    deadline's: ``Call.set_deadline``)."""
+
+    score_threshold: float | None = None
+    max_detections: int | None = None
+    classes: str | None = None
+    timeout_ms: float | None = None
+    model: str | None = None
+    version: str | None = None
+
+    @classmethod
+    def parse(cls, scope: Scope) -> Params:
+        """422 naming the parameter for a value of the wrong type, and for a parameter the route
+        does not take (a typo, ``threshold`` for ``score_threshold``, must not be answered as
+        if it were not there)."""
+        query = dict(_pairs(scope))
+        unknown = query.keys() - NAMES
+        if unknown:
+            raise unknown_query(unknown, NAMES)
+        model, version = query.get("model"), query.get("version")
+        if model is not None and len(model) > MODEL_CHARS:
+            raise _invalid(f"model: at most {MODEL_CHARS} characters")
+        if version is not None and len(version) > VERSION_CHARS:
+            raise _invalid(f"version: at most {VERSION_CHARS} characters")
+        return cls(
+            _number(query, "score_threshold"),
+            _integer(query, "max_detections"),
+            query.get("classes"),
+            _number(query, "timeout_ms"),
+            model,
+            version,
+        )
+
+
+NAMES = frozenset(Params.__dataclass_fields__)
+
+
+def _invalid(message: str) -> APIError:
+    return APIError(422, message, "invalid_parameters")
+
+
+def _number(query: dict[str, str], key: str) -> float | None:
+    value = query.get(key)
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise _invalid(f"{key}: a finite number is needed, not {value!r}")
+    return number
+
+
+def _integer(query: dict[str, str], key: str) -> int | None:
+    value = query.get(key)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise _invalid(f"{key}: an integer is needed, not {value!r}") from None
+
+
+async def handle(request: Request, call: Call) -> Response:
+    """``POST /detect``: the images of the body, their detections as the contract's JSON."""
+    params = Params.parse(request.scope)
+    call.resolve(params.model, params.version)
+    wanted = params.classes.split(",") if params.classes is not None else None
+    settings = call.state.settings
+    query = Query.parse(
+        call.info, settings.score_threshold, params.score_threshold, params.max_detections, wanted
+    )
+    due = call.set_deadline(params.timeout_ms)
+    call.bytes = call.bytes or call.state.budget.reservation()
+    uploads = await read_uploads(request, Limits.of(settings), Body(call.bytes, due))
+    found = await call.run(
+        [u.data for u in uploads], [u.filename for u in uploads], lambda: until_disconnect(request)
+    )
+    results = [
+        {"filename": u.filename, "width": f.width, "height": f.height, "detections": f.json(query)}
+        for u, f in zip(uploads, found, strict=True)
+    ]
+    call.answered([len(r["detections"]) for r in results])
+    return JSONResponse({"model": call.identity(found), "results": results})
+
+
+ENDPOINT = Endpoint(head, handle)
+
+
+async def declaration(
     score_threshold: Annotated[
         float | None,
         Param(ge=0.0, le=1.0, allow_inf_nan=False, description="from the model's floor to 1"),
@@ -63,20 +158,11 @@ async def detect(
     ] = None,
     model: ModelQuery = None,
     version: VersionQuery = None,
-) -> JSONResponse:
-    call.resolve(model, version)
-    wanted = classes.split(",") if classes is not None else None
-    settings = call.state.settings
-    query = Query.parse(call.info, settings.score_threshold, score_threshold, max_detections, wanted)
-    due = call.set_deadline(timeout_ms)
-    call.bytes = call.bytes or call.state.budget.reservation()
-    uploads = await read_uploads(request, Limits.of(settings), Body(call.bytes, due))
-    found = await call.run(
-        [u.data for u in uploads], [u.filename for u in uploads], lambda: until_disconnect(request)
-    )
-    results = [
-        {"filename": u.filename, "width": f.width, "height": f.height, "detections": f.json(query)}
-        for u, f in zip(uploads, found, strict=True)
-    ]
-    call.answered([len(r["detections"]) for r in results])
-    return JSONResponse({"model": call.identity(found), "results": results})
+) -> None:
+    """Detect objects in one image (the body) or several (multipart/form-data, parts named
+    ``file``).
+
+    FastAPI's declaration of the route for the OpenAPI schema; a POST is answered by ``handle``
+    (service/endpoints.py), which takes these parameters (``NAMES``: a test keeps the two the same).
+    """
+    raise AssertionError("POST /detect is answered by service.detect.handle")

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import Scope
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,36 @@ def body(path: str, error: APIError) -> tuple[int, bytes]:
     return error.status, error_body(error.code, error.message)
 
 
-def _render(request: Request, error: APIError) -> Response:
-    call = request.scope.get("state", {}).get("call")
+def as_api_error(exc: Exception, method: str, path: str) -> APIError:
+    """The answer to an exception a route raised: its own APIError, 499 for a client that went
+    away (nobody reads it; its status is what the metrics and the access log record, nginx's,
+    so that a client leaving never looks like a server error), else 500, logged."""
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ClientDisconnect | ClientGone):
+        return client_gone()
+    if isinstance(exc, StarletteHTTPException):
+        return APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return APIError(500, "internal error; see the service log", "internal_error")
+
+
+def render(scope: Scope, error: APIError) -> Response:
+    """``error`` as the answer to the request of ``scope``, recorded in its ``Call`` (if any) as
+    the error that answered it."""
+    call = scope.get("state", {}).get("call")
     if call is not None:
         call.fail(error)
-    status, content = body(request.url.path, error)
+    status, content = body(scope["path"], error)
     return Response(content, status_code=status, headers=error.headers, media_type="application/json")
 
 
 def install(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> Response:
-        return _render(request, exc)
+    """The same answers for FastAPI's routes (the inference routes answer below FastAPI:
+    service/endpoints.py)."""
+
+    async def _answer(request: Request, exc: Exception) -> Response:
+        return render(request.scope, as_api_error(exc, request.method, request.url.path))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
@@ -108,22 +127,7 @@ def install(app: FastAPI) -> None:
             f"{'.'.join(str(p) for p in e['loc'] if p not in ('query', 'body'))}: {e['msg']}"
             for e in exc.errors()
         )
-        return _render(request, APIError(422, problems or "invalid parameters", "invalid_parameters"))
+        return render(request.scope, APIError(422, problems or "invalid parameters", "invalid_parameters"))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
-        error = APIError(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-        return _render(request, error)
-
-    async def _gone(request: Request, exc: Exception) -> Response:
-        # No one reads this answer; its status is what the metrics and the access log record
-        # (nginx's 499), so that a client leaving never looks like a server error.
-        return _render(request, client_gone())
-
-    app.add_exception_handler(ClientDisconnect, _gone)
-    app.add_exception_handler(ClientGone, _gone)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _render(request, APIError(500, "internal error; see the service log", "internal_error"))
+    for kind in (APIError, StarletteHTTPException, ClientDisconnect, ClientGone, Exception):
+        app.add_exception_handler(kind, _answer)

@@ -1,61 +1,17 @@
-"""Logging (request ids in every line, plain or JSON), and the HTTP requests' ids and accounting
-as one pure ASGI middleware (no per-request task or body copy, unlike Starlette's
-BaseHTTPMiddleware)."""
+"""The HTTP requests' ids and accounting as one pure ASGI middleware (no per-request task or body
+copy, unlike Starlette's BaseHTTPMiddleware)."""
 
 from __future__ import annotations
 
-import contextvars
 import itertools
-import json
-import logging
 import os
 import time
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .accounting import NO_MODEL, Accounting, Outcome
 from .framework import route_template
-
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
-
-
-class RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
-        return True
-
-
-class JSONFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-            "request_id": getattr(record, "request_id", "-"),
-        }
-        for key in ("method", "path", "status", "duration_ms", "model"):
-            if hasattr(record, key):
-                line[key] = getattr(record, key)
-        if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line)
-
-
-def configure_logging(json_lines: bool, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
-    handler.addFilter(RequestIdFilter())
-    if json_lines:
-        handler.setFormatter(JSONFormatter())
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-
+from .logs import request_id
 
 # A request id needs to be unique, not unpredictable: a random prefix per process and a counter
 # (32 hex digits, as uuid4().hex was). uuid4 took 13% of the event loop in a storm of 1,000

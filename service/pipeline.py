@@ -285,9 +285,16 @@ class Call:
         """Every image decoded (in the decode threads, within the budget); the first bad image,
         in the request's order, is the answer (4xx naming it)."""
         decoder = self.state.decoder
-        outcomes = await asyncio.gather(
-            *(decoder.decode(data, input_size) for data in images), return_exceptions=True
-        )
+        outcomes: list[Any]
+        if len(images) == 1:  # most requests: awaited in place, no task of its own
+            try:
+                outcomes = [await decoder.decode(images[0], input_size)]
+            except ImageError as exc:
+                outcomes = [exc]
+        else:
+            outcomes = await asyncio.gather(
+                *(decoder.decode(data, input_size) for data in images), return_exceptions=True
+            )
         for name, outcome in zip(names, outcomes, strict=True):
             if isinstance(outcome, ImageError):
                 raise APIError(outcome.status, (f"{name}: " if name else "") + str(outcome), outcome.code)

@@ -217,7 +217,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .app import create_app
-    from .middleware import configure_logging
+    from .logs import configure_logging
     from .settings import Settings
     from .slow_clients import default_protocol, guarded_protocol
 
@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
         app,
         host=args.host,
         port=args.port,
-        log_config=None,  # ours (configure_logging), with request ids
+        log_config=None,  # ours (service/logs.py), with request ids
         access_log=False,  # the app logs each request once, with its id and duration
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) or None,
         lifespan="on",

@@ -14,6 +14,7 @@ from functools import cache
 DECODE = "ssd-decode"
 INFERENCE = "ssd-inference"
 ONNXRUNTIME = "ssd-onnxruntime"  # the thread that loads sessions, and the session's pool
+LOG = "ssd-log"  # writes the log's lines (service/logs.py)
 _PR_SET_NAME = 15
 
 

@@ -317,7 +317,7 @@ def test_bench_frontend_counts_cpu_by_thread():
     report = json.loads(done.stdout)
     (run,) = report["runs"]
     assert set(run["detect"]["statuses"]) == {"200"} and set(run["bare"]["statuses"]) == {"200"}
-    assert "503" in run["refusal"]["statuses"]
+    assert "503" in run["refusal"]["statuses"] and set(run["bare_refusal"]["statuses"]) == {"503"}
     detect = report["median"]["detect"]
     # Each kind of thread was found: the event loop, and the named decode and inference threads.
     assert detect["event_loop"] > 0 and detect["decoding"] > 0 and detect["inference"] > 0

@@ -499,6 +499,54 @@ def test_raw_bodies_are_images_by_their_bytes_whatever_their_declared_type(serve
     run(go())
 
 
+def test_detect_query_values_of_the_wrong_type_are_422_naming_the_parameter(served_artifact):
+    """/detect reads its query itself (service/endpoints.py): each parameter's type is checked,
+    a repeated one counts by its last value, and other methods are still FastAPI's 405."""
+    jpeg = encode(scene(320, 320, seed=4))
+
+    async def go():
+        async with serving(settings(served_artifact)) as client:
+            for params, named in (
+                ({"max_detections": "ten"}, "max_detections"),
+                ({"max_detections": "1.5"}, "max_detections"),
+                ({"timeout_ms": "soon"}, "timeout_ms"),
+                ({"timeout_ms": "inf"}, "timeout_ms"),
+                ({"timeout_ms": "0"}, "timeout_ms"),
+                ({"score_threshold": ""}, "score_threshold"),
+                ({"model": "m" * 129}, "model"),
+                ({"version": "9" * 21}, "version"),
+            ):
+                response = await client.post("/detect", content=jpeg, headers=JPEG, params=params)
+                assert named in assert_error(response, 422, "invalid_parameters")["message"], params
+            repeated = await client.post(
+                "/detect?max_detections=ten&max_detections=1", content=jpeg, headers=JPEG
+            )
+            assert repeated.status_code == 200 and len(repeated.json()["results"][0]["detections"]) <= 1
+            for method in ("GET", "PUT", "DELETE"):
+                assert_error(await client.request(method, "/detect"), 405, "method_not_allowed")
+            oip = await client.get("/v2/models/x/infer")
+            assert oip.status_code == 405 and isinstance(oip.json()["error"], str)  # the OIP's own form
+
+    run(go())
+
+
+def test_the_openapi_schema_declares_the_query_the_inference_routes_read(served_artifact):
+    """The inference routes are answered below FastAPI; its schema still describes them, with
+    the parameters they read."""
+    from service.detect import NAMES
+
+    async def go():
+        async with serving(settings(served_artifact)) as client:
+            schema = (await client.get("/openapi.json")).json()
+            detect = schema["paths"]["/detect"]
+            assert set(detect) == {"post"}
+            assert {p["name"] for p in detect["post"]["parameters"] if p["in"] == "query"} == NAMES
+            for path in ("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer"):
+                assert set(schema["paths"][path]) == {"post"}
+
+    run(go())
+
+
 def test_unknown_query_parameters_are_422_naming_the_known_ones(served_artifact):
     jpeg = encode(scene(320, 320, seed=4))
 

@@ -171,6 +171,32 @@ def test_decode_budget_is_first_come_first_served_and_cancellable():
     asyncio.run(go())
 
 
+def test_decode_threads_take_the_budget_themselves_and_wake_waiters_on_the_loop():
+    """A decode thread takes an image's bytes without the loop (``try_take``) only when they are
+    free and nobody waits; a release from a thread grants the loop's waiters in order."""
+    import threading
+
+    async def go():
+        budget = DecodeBudget(100)
+        in_thread: list[int | None] = []
+        worker = threading.Thread(target=lambda: in_thread.append(budget.try_take(70)))
+        worker.start()
+        worker.join()
+        assert in_thread == [70] and budget.available == 30
+        waiting = asyncio.ensure_future(budget.acquire(50))
+        await asyncio.sleep(0.01)
+        assert not waiting.done()
+        assert budget.try_take(10) is None  # free, but someone waits: no overtaking
+        releaser = threading.Thread(target=budget.release, args=(70,))
+        releaser.start()
+        releaser.join()
+        assert await asyncio.wait_for(waiting, 1) == 50 and budget.available == 50
+        assert budget.try_take(10**9) is None  # more than is free
+        assert budget.try_take(50) == 50 and budget.available == 0
+
+    asyncio.run(go())
+
+
 def test_an_image_whose_decoding_alone_would_pass_the_budget_is_413():
     import io
 

@@ -33,10 +33,11 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Scope
 
-from ..dependencies import CallDep, StateDep, served
+from ..dependencies import StateDep, served
 from ..door import Head
+from ..endpoints import Endpoint
 from ..errors import APIError
-from ..pipeline import not_ready
+from ..pipeline import Call, not_ready
 from ..settings import Settings
 from ..uploads import Body, read_raw, until_disconnect
 from .protocol import (
@@ -59,7 +60,8 @@ JSON_LIMIT = 16 * 1024 * 1024
 EXTENSIONS = ("binary_tensor_data", "parameters")
 
 router = APIRouter(prefix="/v2")
-Name = Annotated[str, Path(max_length=128)]
+NAME_CHARS = 128
+Name = Annotated[str, Path(max_length=NAME_CHARS)]
 
 
 INFER = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
@@ -323,9 +325,14 @@ async def index(request: Request, state: StateDep) -> list[dict[str, Any]]:
     return repository_index(state, ready)
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
-async def infer(request: Request, call: CallDep, name: Name, version: str | None = None) -> Response:
+async def handle(request: Request, call: Call) -> Response:
+    """``POST /v2/models/{name}[/versions/{version}]/infer``, answered below FastAPI
+    (service/endpoints.py)."""
+    found = INFER.match(request.scope["path"])
+    assert found is not None, "routed by head()"
+    name, version = found.groups()
+    if len(name) > NAME_CHARS:
+        raise bad(f"name: at most {NAME_CHARS} characters")
     call.resolve(name, version)
     height, width = call.info.input_size
     limit = body_limit(call.state.settings, height * width * 3)
@@ -348,3 +355,16 @@ async def infer(request: Request, call: CallDep, name: Name, version: str | None
     content = _compressed(request, content, headers)
     media = "application/octet-stream" if head_length is not None else "application/json"
     return Response(content, media_type=media, headers=headers)
+
+
+ENDPOINT = Endpoint(head, handle)
+
+
+@router.post("/models/{name}/infer")
+@router.post("/models/{name}/versions/{version}/infer")
+async def infer(name: Name, version: str | None = None) -> None:
+    """Inference (the Open Inference Protocol's request; the module docstring).
+
+    FastAPI's declaration of the route for the OpenAPI schema; a POST is answered by ``handle``.
+    """
+    raise AssertionError("an OIP inference is answered by service.oip.rest.handle")
