@@ -4,6 +4,7 @@ on shutdown."""
 
 from __future__ import annotations
 
+import gc
 import hmac
 import logging
 import time
@@ -63,6 +64,10 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
             from .oip import grpc as oip_grpc  # grpcio only where gRPC is served
 
             grpc_server = await oip_grpc.start(app.state.service, grpc_host, settings.grpc_port)
+        # What startup made (modules, the model's session, the warm-up's arrays) lives as long as
+        # the process: out of the collector's sight, so that its full collections, which stop
+        # the event loop, do not walk it again and again.
+        gc.freeze()
         try:
             yield
         finally:

@@ -127,6 +127,23 @@ def test_operational_routes(served_artifact):
     run(go())
 
 
+def test_what_startup_made_is_kept_out_of_the_collectors_way(served_artifact):
+    """Startup's objects are frozen (gc.freeze): a full collection, which stops the event loop,
+    does not walk them (the tail latency it cut: docs/benchmarks.md, "The front end's CPU")."""
+    import gc
+
+    async def go():
+        gc.unfreeze()
+        async with serving(settings(served_artifact)) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            assert gc.get_freeze_count() > 10_000
+
+    try:
+        run(go())
+    finally:
+        gc.unfreeze()
+
+
 def test_detect_raw_and_multipart_in_order(served_artifact):
     wide, tall = scene(640, 480, seed=1), scene(300, 500, seed=2)
 
