@@ -19,13 +19,19 @@ Each case also holds what its variant promises beyond the comparison: a float16 
 its input, outputs, NMS and top K in their own types; class-agnostic NMS never gives one box two
 classes; the metadata names the NMS.
 
-The SSDlite cases run in the quick suite; the VGG and ResNet ones are marked slow.
+The SSDlite cases run in the quick suite; the VGG and ResNet ones are marked slow. The selected
+cases export in parallel worker processes (``exports``), each test checking its own.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import helpers
 import numpy as np
@@ -147,11 +153,36 @@ def _assert_float16_inside_only(proto: onnx.ModelProto) -> None:
             assert not set(node.input) & fp16, f"{node.op_type} reads float16"
 
 
+def _export_in_worker(case: Case, folder: str) -> tuple[dict[str, str], np.ndarray]:
+    torch.set_num_threads(1)  # one core per worker: the workers are the parallelism
+    return _export(case, Path(folder))
+
+
+@pytest.fixture(scope="module")
+def exports(request, tmp_path_factory) -> Iterator[dict[str, Future]]:
+    """Every selected case's export, started at once in a pool of worker processes, one per
+    core (at most 4): an export is mostly single-threaded Python (torch.export and its
+    decompositions), so the sweep takes about half the time on two cores. Each test waits for
+    its own case; an export's failure is its test's failure."""
+    chosen = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params
+    ]
+    workers = max(1, min(4, len(os.sched_getaffinity(0)), len(chosen)))
+    context = multiprocessing.get_context("spawn")  # torch in the parent: no fork
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
+        yield {
+            case.id: pool.submit(_export_in_worker, case, str(tmp_path_factory.mktemp(case.id)))
+            for case in sorted(chosen, key=lambda c: not c.slow)  # the slowest first
+        }
+
+
 @pytest.mark.parametrize(
     "case", [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if c.slow else []) for c in CASES]
 )
-def test_every_export_of_the_model_space_verifies(case, tmp_path):
-    metadata, got = _export(case, tmp_path)
+def test_every_export_of_the_model_space_verifies(case, exports):
+    metadata, got = exports[case.id].result()
     assert len(json.loads(metadata["classes"])) == case.num_classes - 1
     n = got.num_detections
     # The padding the contract promises, whatever the regime.
