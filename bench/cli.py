@@ -53,7 +53,10 @@ TORCH = {
         "the training defaults on 400 images of shapes on real photos: mAP@0.5 per epoch",
     ),
     "loss": ("bench.loss_bench", "matching and MultiBox loss against torchvision's"),
-    "parity": ("bench.parity", "torchvision exports against torchvision's own model on the coco-mini photos"),
+    "parity": (
+        "bench.parity",
+        "torchvision exports against torchvision's own model on the photos of photos/",
+    ),
 }
 
 

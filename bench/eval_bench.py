@@ -36,7 +36,7 @@ from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ssdlite320_mobilenet_v3_large"
-COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini" / "instances_val2017.json"
+COCO_MINI = ROOT / "photos" / "instances_val2017.json"  # photos/README.md
 SYNTH = ROOT / "data" / "synth"
 SYNTH_CHECKPOINT = ROOT / "runs" / "eval-1epoch" / "best.pt"
 COCO_CHECKPOINT = ROOT / "runs" / "eval-bench" / "coco-mini-ssdlite.pt"

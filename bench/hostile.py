@@ -49,8 +49,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
-NO_PHOTOS = f"needs the coco-mini photos, absent here: {COCO_MINI}"
+PHOTOS = ROOT / "photos" / "val2017"  # real photos, chosen by licence (photos/README.md)
+NO_PHOTOS = f"needs JPEG photos, none here: {PHOTOS}"
 
 MB = 1024 * 1024
 RSS_LIMIT = 1024 * MB  # the server's peak resident memory, whatever the clients send
@@ -449,8 +449,8 @@ UNSUPPORTED: tuple[tuple[str, Callable[[], bytes], frozenset[int]], ...] = (
 )
 
 
-def photos(folder: Path = COCO_MINI) -> list[bytes]:
-    """The coco-mini JPEGs as bytes, sorted by name ([] when the folder is absent)."""
+def photos(folder: Path = PHOTOS) -> list[bytes]:
+    """The JPEGs of ``folder`` as bytes, sorted by name ([] when the folder is absent)."""
     return [f.read_bytes() for f in sorted(folder.glob("*.jpg"))] if folder.is_dir() else []
 
 
@@ -1263,7 +1263,7 @@ def main(args: argparse.Namespace) -> int:
         "machine": machine.machine_info(),
         "command": "ssd bench " + " ".join(sys.argv[2:]),
         "artifact": str(Path(args.model).resolve()),
-        "photos": f"{len(sources)} from {args.images or COCO_MINI}" if sources else str(FALLBACK),
+        "photos": f"{len(sources)} from {args.images or PHOTOS}" if sources else str(FALLBACK),
         "cases": len(suite.results) - fuzz,
         "fuzz_cases": fuzz,
         "skipped": {r.name: r.skipped for r in suite.results if r.skipped},
@@ -1295,7 +1295,9 @@ def main(args: argparse.Namespace) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/demo.onnx")
-    parser.add_argument("--images", default=None, help="folder of JPEG photos (default: coco-mini)")
+    parser.add_argument(
+        "--images", default=None, help="folder of JPEG photos (default: photos/val2017, the repository's own)"
+    )
     parser.add_argument("--fuzz", type=int, default=300, help="fuzzed photos sent beside the cases")
     parser.add_argument("--seed", type=int, default=0, help="the fuzzer's seed")
     parser.add_argument("--threads", type=int, default=4, help="attacks in flight at once")

@@ -5,7 +5,7 @@ in COCO's layout (91 classes, background included; batch-norm statistics from sy
 so the scores vary), saved as a state dict and given to ``ssd export --torchvision NAME
 --weights-file``, as a user would. COCO_V1 weights cannot be downloaded here; with 91 classes and
 random weights every default box of every class is a candidate, the hardest case for the
-post-processing. Then the coco-mini photos (the workspace's shared data), decoded and resized as the
+post-processing. Then the photos of photos/ (the repository's own COCO photos), decoded and resized as the
 service does, go through the artifact (ONNX Runtime, CPU) and through torchvision's model with
 the same thresholds, 8 at a time, and every detection is matched one to one (export/verify.py's
 rule: same label, boxes and scores within 1e-4, ties aside).
@@ -33,14 +33,14 @@ from model.registry import TORCHVISION_MODELS
 from service.images import decode
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTOS = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
+PHOTOS = ROOT / "photos" / "val2017"  # photos/README.md
 
 
 def photos(input_size: tuple[int, int]) -> np.ndarray:
     """The coco-mini photos as the service feeds them to the model: uint8 [N, H, W, 3]."""
     paths = sorted(PHOTOS.glob("*.jpg"))
     if not paths:
-        raise SystemExit(f"no photos in {PHOTOS}: the coco-mini folder is missing")
+        raise SystemExit(f"no photos in {PHOTOS}")
     return np.stack([decode(p.read_bytes(), input_size, 100_000_000).pixels for p in paths])
 
 

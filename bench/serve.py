@@ -231,7 +231,9 @@ PROTOCOLS = {"detect": "ours", "oip-rest": "ours-oip-rest", "oip-grpc": "ours-oi
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/demo.onnx", help="the artifact every server loads")
     parser.add_argument("--url", default=None, help="measure a running service instead of starting one")
-    parser.add_argument("--images", default=None, help="folder of JPEG photos (default: coco-mini)")
+    parser.add_argument(
+        "--images", default=None, help="folder of JPEG photos (default: photos/val2017, the repository's own)"
+    )
     parser.add_argument(
         "--peers",
         nargs="*",

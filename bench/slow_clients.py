@@ -11,8 +11,8 @@ The attackers, all opened at once and each reopened as soon as it is cut, for ``
 
 Measured: when each attacker was cut (from its connection's opening) and how (status, or a close
 without an answer), against its allowance (SSD_HEADER_TIMEOUT_S; SSD_BODY_TIMEOUT_S plus what it
-sent over SSD_MIN_BODY_RATE); the normal client's latency (one client, closed loop, the coco-mini
-photos) unloaded and under attack; the server's /metrics counts of the cuts and its memory. Writes
+sent over SSD_MIN_BODY_RATE); the normal client's latency (one client, closed loop, the photos of
+photos/) unloaded and under attack; the server's /metrics counts of the cuts and its memory. Writes
 ``OUT/slow_clients.json``.
 
     ssd bench slow-clients [--model models/demo.onnx | --url URL] [--seconds 30]
@@ -241,7 +241,9 @@ def main(args: argparse.Namespace) -> int:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="models/demo.onnx")
     parser.add_argument("--url", default=None, help="a running service instead of starting one")
-    parser.add_argument("--images", default=None, help="folder of JPEG photos (default: coco-mini)")
+    parser.add_argument(
+        "--images", default=None, help="folder of JPEG photos (default: photos/val2017, the repository's own)"
+    )
     parser.add_argument("--photos", type=int, default=None, help="use only the first N photos")
     parser.add_argument("--header-attackers", type=int, default=100)
     parser.add_argument("--body-attackers", type=int, default=20)

@@ -1,9 +1,10 @@
 """``ssd bench small-data``: what the training defaults reach on a small dataset of one's own.
 
-The set: shapes (three classes: circle, square, triangle) drawn on real photographs, the
-coco-mini backgrounds (the workspace's shared coco-mini photos), 400 training and 100 validation
-images, objects 10-60% of the image side, written as a YOLO dataset (``data.yaml``), the form a
-new user most often brings. Validation images are drawn on photos that no training image uses.
+The set: shapes (three classes: circle, square, triangle) drawn on real photographs, the photos/
+backgrounds (the repository's own COCO photos; ``--photos`` takes a larger folder), 400 training
+and 100 validation images, objects 10-60% of the image side, written as a YOLO dataset
+(``data.yaml``), the form a new user most often brings. Validation images are drawn on photos
+that no training image uses.
 
 Each run is ``ssd train --model ssdlite320_mobilenet_v3_large --data OUT/data/data.yaml
 --epochs 30 --seed S`` plus the run's own flags (none for ``defaults``), from random weights, in
@@ -34,7 +35,7 @@ from PIL import Image
 from bench.machine import machine_info
 
 PROG = "ssd bench small-data"
-PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco-mini" / "val2017"
+PHOTOS = Path(__file__).resolve().parents[1] / "photos" / "val2017"  # photos/README.md
 CLASSES = ("circle", "square", "triangle")
 MODEL = "ssdlite320_mobilenet_v3_large"
 
@@ -52,7 +53,7 @@ def build(out: Path, photos: Path, train: int = 400, val: int = 100, seed: int =
 
     names = sorted(p for p in photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     if len(names) < 10:
-        raise SystemExit(f"{PROG}: needs the coco-mini photos in {photos} (found {len(names)})")
+        raise SystemExit(f"{PROG}: needs at least 10 photos in {photos} (found {len(names)})")
     backgrounds = {"val": names[::5], "train": [p for i, p in enumerate(names) if i % 5]}
     tmp = out.with_name(out.name + ".partial")
     if tmp.exists():
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data" / "data.yaml"
     if not data.exists():
         if not args.photos.is_dir():
-            raise SystemExit(f"{PROG}: the coco-mini photos are not at {args.photos} (--photos)")
+            raise SystemExit(f"{PROG}: no photos at {args.photos} (--photos)")
         build(out / "data", args.photos)
     configs = {}
     for spec in args.runs:

@@ -1,8 +1,9 @@
 """What the serving benchmarks send and how one load point is measured.
 
-The photos: the COCO val2017 images in the workspace's shared coco-mini set (real JPEGs of varied sizes and
-content), sent in turn. One measured point: a short untimed warm-up at the same pace, then the load,
-with our /metrics read before and after (batch sizes) and the server's resident memory after.
+The photos: the COCO val2017 photos of photos/ (real JPEGs of varied sizes and content; ``--images``
+takes another folder), sent in turn. One measured point: a short untimed warm-up at the same pace,
+then the load, with our /metrics read before and after (batch sizes) and the server's resident
+memory after.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ from bench.plots import plot_timeline
 from bench.server import Server, ServerSettings, add_server_options, batch_sizes
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017"
+PHOTOS = ROOT / "photos" / "val2017"  # real photos, chosen by licence (photos/README.md)
 FALLBACK = ROOT / "docs" / "images" / "demo_scene.jpg"
 
 
 def photos(folder: Path | None = None, limit: int | None = None) -> tuple[list[bytes], str]:
-    """The JPEG files of ``folder`` (default: coco-mini) as bytes, and where they came from."""
-    folder = folder or COCO_MINI
+    """The JPEG files of ``folder`` (default: photos/) as bytes, and where they came from."""
+    folder = folder or PHOTOS
     files = sorted(folder.glob("*.jpg"))[:limit] if folder.is_dir() else []
     if files:
         return [f.read_bytes() for f in files], f"{len(files)} photos from {folder}"
-    if folder != COCO_MINI:
+    if folder != PHOTOS:
         raise SystemExit(f"no .jpg files in {folder}")
-    return [FALLBACK.read_bytes()], f"{FALLBACK} ({COCO_MINI} is absent)"
+    return [FALLBACK.read_bytes()], f"{FALLBACK} ({PHOTOS} is absent)"
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,9 @@ def add_load_options(parser: argparse.ArgumentParser) -> None:
     """The options overload and soak share: what to load, how capacity is known, where reports go."""
     parser.add_argument("--model", default="models/demo.onnx")
     parser.add_argument("--url", default=None, help="a running service instead of starting one")
-    parser.add_argument("--images", default=None, help="folder of JPEG photos (default: coco-mini)")
+    parser.add_argument(
+        "--images", default=None, help="folder of JPEG photos (default: photos/val2017, the repository's own)"
+    )
     parser.add_argument("--capacity", type=float, default=None, help="images/s; default: measured first")
     parser.add_argument(
         "--measure-seconds",

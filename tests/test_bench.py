@@ -261,8 +261,6 @@ def test_the_small_data_set_is_shapes_on_held_apart_photos(tmp_path):
     from model.data import open_dataset
     from model.data.summary import Summary
 
-    if not PHOTOS.is_dir():
-        pytest.skip(f"the coco-mini photos are not at {PHOTOS}")
     data = build(tmp_path / "data", PHOTOS, train=12, val=6)
     train, val = open_dataset(data, "train"), open_dataset(data, "val")
     assert (len(train), len(val)) == (12, 6) and train.classes == list(CLASSES)

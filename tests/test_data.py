@@ -19,7 +19,7 @@ from model.data.yolo import label_path
 
 FORMATS = ["voc", "coco", "yolo"]
 CLASSES = ["cat", "dog", "bird"]
-COCO_MINI = Path(__file__).resolve().parents[2] / "shared/data/coco-mini"
+PHOTOS = Path(__file__).resolve().parents[1] / "photos"  # COCO val2017 photos: photos/README.md
 
 
 @dataclass
@@ -475,16 +475,15 @@ def test_detect_format_and_unknown_layouts(tmp_path):
 # ---------------------------------------------------------------- real COCO data
 
 
-@pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"{COCO_MINI} is absent (the shared coco-mini data)")
-def test_coco_mini():
-    dataset = open_dataset(COCO_MINI / "instances_val2017.json", split="val")
-    assert len(dataset) == 79
-    assert sum(len(a.boxes) for a in dataset.annotations) == 624
-    assert sum(int(a.crowd.sum()) for a in dataset.annotations) == 5
+def test_real_coco_annotations():
+    dataset = open_dataset(PHOTOS / "instances_val2017.json", split="val")
+    assert len(dataset) == 10
+    assert sum(len(a.boxes) for a in dataset.annotations) == 121
+    assert sum(int(a.crowd.sum()) for a in dataset.annotations) == 2
     assert len(dataset.classes) == 80 and dataset.classes[0] == "person"
     assert dataset.category_ids[0] == 1 and dataset.category_ids[-1] == 90
-    assert all(a.path.parent == COCO_MINI / "val2017" for a in dataset.annotations)
-    raw = json.loads((COCO_MINI / "instances_val2017.json").read_text())
+    assert all(a.path.parent == PHOTOS / "val2017" for a in dataset.annotations)
+    raw = json.loads((PHOTOS / "instances_val2017.json").read_text())
     first = next(a for a in raw["annotations"] if a["image_id"] == raw["images"][0]["id"])
     x, y, w, h = first["bbox"]
     ann = next(a for a in dataset.annotations if a.image_id == raw["images"][0]["id"])
@@ -492,14 +491,14 @@ def test_coco_mini():
     image, target = dataset[0]
     assert tuple(image.shape) == (3, dataset.annotations[0].height, dataset.annotations[0].width)
     assert len(target["boxes"]) == int((~dataset.annotations[0].crowd).sum())
-    assert len(open_dataset(COCO_MINI, split="val")) == 79  # the folder, split picks the file
+    assert len(open_dataset(PHOTOS, split="val")) == 10  # the folder, split picks the file
 
 
 # ---------------------------------------------------------------- frictions of real datasets
 
 
 def test_a_coco_file_alone_says_how_to_use_it_for_both_splits(tmp_path):
-    # coco-mini's instances_val2017.json, given to `ssd train` with its default splits.
+    # A lone instances_val2017.json (as photos/ has), given to `ssd train` with its default splits.
     path = write_coco(tmp_path, [Img("a", objects=[(0, 1, 1, 9, 9)])], split="val2017")
     (tmp_path / "annotations" / "instances_val2017.json").rename(tmp_path / "instances_val2017.json")
     lonely = tmp_path / "instances_val2017.json"

@@ -14,7 +14,7 @@ from model.evaluation import evaluate
 from model.inference import ground_truth, predict_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO_MINI = ROOT.parent / "shared" / "data" / "coco-mini"
+PHOTOS = ROOT / "photos"  # COCO val2017 photos: photos/README.md
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +69,11 @@ def test_ssd_evaluate_names_what_is_wrong(synth, tmp_path, capsys):
     assert code == 2 and "VOC" in err and "COCO" in err and "YOLO" in err
 
 
-@pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"{COCO_MINI} is absent (the shared real-photo set)")
-def test_coco_mini_loads_and_scores_one_with_its_own_annotations():
-    dataset = open_dataset(COCO_MINI / "instances_val2017.json", "val")
-    assert len(dataset) == 79 and len(dataset.classes) == 80
+def test_real_photos_load_and_score_one_with_their_own_annotations():
+    dataset = open_dataset(PHOTOS / "instances_val2017.json", "val")
+    assert len(dataset) == 10 and len(dataset.classes) == 80
     truth = ground_truth(dataset)
-    assert sum(len(t["boxes"]) for t in truth) == 624 and sum(int(t["crowd"].sum()) for t in truth) == 5
+    assert sum(len(t["boxes"]) for t in truth) == 121 and sum(int(t["crowd"].sum()) for t in truth) == 2
     as_predictions = [
         {"boxes": t["boxes"], "labels": t["labels"], "scores": [1.0] * len(t["boxes"])} for t in truth
     ]

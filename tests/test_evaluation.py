@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 from model.evaluation import evaluate
 
-COCO_MINI = Path(__file__).resolve().parents[2] / "shared/data/coco-mini"
+PHOTOS = Path(__file__).resolve().parents[1] / "photos"  # COCO val2017 photos: photos/README.md
 
 
 def gt(boxes, labels, **extra) -> dict:
@@ -360,14 +360,12 @@ def test_agrees_with_pycocotools_on_json_files(tmp_path):
     assert result["map"] == pytest.approx(per_class_mean, abs=1e-12)
 
 
-# --- the real COCO annotations of coco-mini ----------------------------------------------------
+# --- real COCO annotations (photos/) -------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def coco_mini():
-    path = COCO_MINI / "instances_val2017.json"
-    if not path.is_file():
-        pytest.skip(f"coco-mini is not there ({path}); it lives in the shared data folder beside the repo")
+def coco_photos():
+    path = PHOTOS / "instances_val2017.json"
     data = json.loads(path.read_text())
     category_ids = sorted(c["id"] for c in data["categories"])
     index = {cid: k for k, cid in enumerate(category_ids)}
@@ -391,27 +389,27 @@ def coco_mini():
     return records, [names[cid] for cid in category_ids]
 
 
-def test_coco_mini_ground_truth_as_predictions(coco_mini):
-    records, classes = coco_mini
-    assert len(records) == 79 and sum(len(r["labels"]) for r in records) == 624 and len(classes) == 80
-    assert sum(int(r["crowd"].sum()) for r in records) == 5
+def test_coco_photos_ground_truth_as_predictions(coco_photos):
+    records, classes = coco_photos
+    assert len(records) == 10 and sum(len(r["labels"]) for r in records) == 121 and len(classes) == 80
+    assert sum(int(r["crowd"].sum()) for r in records) == 2
     result = evaluate(records, as_predictions(records), classes)
     assert_json_clean(result)
     assert (result["map"], result["map50"], result["map75"], result["voc07_map"]) == (1.0, 1.0, 1.0, 1.0)
-    assert sum(entry["num_gt"] for entry in result["per_class"].values()) == 624 - 5
+    assert sum(entry["num_gt"] for entry in result["per_class"].values()) == 121 - 2
 
 
-def test_coco_mini_dropping_one_class(coco_mini):
-    records, classes = coco_mini
-    dropped = classes.index("dog")
+def test_coco_photos_dropping_one_class(coco_photos):
+    records, classes = coco_photos
+    dropped = classes.index("person")
     predictions = []
     for r in records:
         keep = r["labels"] != dropped
         predictions.append(pred(r["boxes"][keep], np.ones(int(keep.sum())), r["labels"][keep]))
     result = evaluate(records, predictions, classes)
     measured = [name for name, entry in result["per_class"].items() if entry["num_gt"] > 0]
-    assert "dog" in measured and len(measured) < len(classes)  # some classes have no (non-crowd) boxes
-    assert result["per_class"]["dog"]["ap"] == 0.0 and result["per_class"]["dog"]["voc07_ap"] == 0.0
+    assert "person" in measured and len(measured) < len(classes)  # some classes have no (non-crowd) boxes
+    assert result["per_class"]["person"]["ap"] == 0.0 and result["per_class"]["person"]["voc07_ap"] == 0.0
     expected = 1 - 1 / len(measured)
     assert result["map"] == pytest.approx(expected, abs=1e-12)
     assert result["map50"] == pytest.approx(expected, abs=1e-12)

@@ -17,8 +17,8 @@ import pytest
 from live import free_port, live_server
 
 from bench.hostile import (
-    COCO_MINI,
     NO_PHOTOS,
+    PHOTOS,
     RSS_LIMIT,
     Case,
     Target,
@@ -80,8 +80,7 @@ def test_hostile_case(server: Target, case: Case) -> None:
 
 
 def _fuzz(server: Target, seed: int, count: int, protocol: str = "detect") -> None:
-    if not server.photos:
-        pytest.skip(NO_PHOTOS)
+    assert server.photos, NO_PHOTOS  # committed (photos/): their absence is a failure, not a skip
     results = [run_case(c, server) for c in fuzz_cases(seed, count, server.photos, protocol)]
     wrong = [r.describe() for r in results if not r.ok]
     after = _aftermath(server)
@@ -105,8 +104,7 @@ def test_fuzzed_photos_through_the_open_inference_protocol(server: Target, proto
 
 def test_mutations_are_reproducible() -> None:
     """The same seed gives the same bytes (a failure can be replayed), different seeds differ."""
-    if not COCO_MINI.is_dir():
-        pytest.skip(NO_PHOTOS)
+    assert PHOTOS.is_dir(), NO_PHOTOS
     from bench.hostile import mutations
 
     sources = photos()[:3]

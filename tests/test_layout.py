@@ -3,6 +3,7 @@ backwards."""
 
 import ast
 import json
+import re
 import subprocess
 import sys
 import tomllib
@@ -148,3 +149,35 @@ def test_model_facts_load_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# A path that climbs out of the repository: "../shared/...", "../../data", in code, docs or tests.
+_CLIMB = re.compile(r"(?<![\w./])((?:\.\./)+[\w.-]+(?:/[\w.-]+)*)")
+_OUTSIDE = ("/work/", "shared/data/")
+THIS = "tests/test_layout.py"  # names them to look for them
+
+
+def test_no_tracked_file_points_outside_the_repository():
+    """The repository stands alone: nothing it holds names a file beside it (a clone has none)."""
+    tracked = (
+        subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True)
+        .stdout.decode()
+        .split("\0")
+    )
+    found = []
+    for name in filter(None, tracked):
+        path = ROOT / name
+        if path.suffix in (".jpg", ".png", ".onnx", ".pt", ".pb") or not path.is_file() or name == THIS:
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            for match in _CLIMB.finditer(line):
+                # Outside from the file's folder and from the root (commands run there): both.
+                target = match.group(1)
+                if all(not (base / target).resolve().is_relative_to(ROOT) for base in (path.parent, ROOT)):
+                    found.append(f"{name}:{number}: {target}")
+            found += [f"{name}:{number}: {s}" for s in _OUTSIDE if s in line]
+    assert not found, "paths outside the repository:\n" + "\n".join(found)

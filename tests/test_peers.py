@@ -6,35 +6,21 @@ PyTriton's own environment (``python -m bench.peers.pytriton_server --make-env``
 """
 
 import dataclasses
-import io
 import json
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
 
 from bench.peers import PEERS, PeerUnavailable
 from bench.peers.smoke import LOW_THRESHOLD, found
 
 ROOT = Path(__file__).resolve().parents[1]
-PHOTO = Path(__file__).resolve().parents[2] / "shared/data/coco-mini/val2017/000000018575.jpg"
-
-
-def _synthetic_jpeg() -> bytes:
-    """Shapes like the demo model's synthetic data, when the COCO photo is not here."""
-    image = Image.new("RGB", (480, 360), (90, 120, 150))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((40, 40, 170, 170), fill=(230, 60, 40))
-    draw.rectangle((260, 60, 400, 200), fill=(40, 200, 90))
-    draw.polygon([(120, 330), (220, 190), (320, 330)], fill=(240, 220, 30))
-    out = io.BytesIO()
-    image.save(out, "JPEG", quality=90)
-    return out.getvalue()
+PHOTO = ROOT / "photos" / "val2017" / "000000165518.jpg"  # photos/README.md
 
 
 @pytest.fixture(scope="module")
 def image() -> bytes:
-    return PHOTO.read_bytes() if PHOTO.exists() else _synthetic_jpeg()
+    return PHOTO.read_bytes()
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from service.runtime import GPURequired
 from service.settings import Settings
 from service.state import State
 
-COCO = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-mini" / "val2017"
+PHOTOS = Path(__file__).resolve().parents[1] / "photos" / "val2017"  # photos/README.md
 CLASSES = ["circle", "square", "triangle", "star", "hexagon", "cross"]
 JPEG = {"Content-Type": "image/jpeg"}
 
@@ -752,9 +752,9 @@ def test_require_gpu_refuses_to_start_on_cpu(served_artifact):
     run(go())
 
 
-@pytest.mark.skipif(not COCO.is_dir(), reason=f"real photos not found at {COCO}")
 def test_real_photos(served_artifact):
-    photos = sorted(COCO.glob("*.jpg"))[:4]
+    photos = sorted(PHOTOS.glob("*.jpg"))[:4]
+    assert len(photos) == 4
 
     async def go():
         async with serving(settings(served_artifact)) as client:

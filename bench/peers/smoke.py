@@ -22,7 +22,7 @@ from pathlib import Path
 
 from bench.peers import PEERS, ROOT, Peer
 
-PHOTO = ROOT.parent / "shared" / "data" / "coco-mini" / "val2017" / "000000018575.jpg"
+PHOTO = ROOT / "photos" / "val2017" / "000000165518.jpg"  # photos/README.md
 
 
 def free_port() -> int:
