@@ -61,10 +61,10 @@ def make_synth_checkpoint() -> Path:
 
 
 def make_coco_checkpoint(seed: int = 0) -> Path:
-    """The random SSDlite of coco-mini's classes (bench/models.py ``random_model``)."""
+    """The random SSDlite of coco-mini's classes (export/calibrated.py ``random_model``)."""
     if COCO_CHECKPOINT.is_file():
         return COCO_CHECKPOINT
-    from bench.models import random_model
+    from export.calibrated import random_model
     from model.checkpoint import atomic_save
     from model.data import open_dataset
 

@@ -29,7 +29,7 @@ import onnxruntime as ort
 import torch
 
 from bench.machine import emit, machine_info, sample_times
-from bench.models import random_model
+from export.calibrated import random_model
 from export.exporter import ExportOptions, build_onnx, sample_images
 from export.graph import DetectionGraph, module_path
 from export.sources import from_checkpoint

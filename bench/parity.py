@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from bench.machine import emit, machine_info
-from bench.models import random_model
 from export import verify
+from export.calibrated import random_model
 from export.exporter import ExportOptions, export_artifact
 from export.sources import from_torchvision
 from model.registry import TORCHVISION_MODELS

@@ -10,7 +10,7 @@ from torch import nn
 
 def calibrated(name: str, num_classes: int, seed: int = 0) -> nn.Module:
     """A random ``name`` whose scores vary: batch-norm statistics from six synthetic scenes."""
-    from bench.models import random_model
+    from export.calibrated import random_model
 
     return random_model(name, num_classes, seed)
 

@@ -75,10 +75,8 @@ def test_serving_install_pulls_no_torch():
     lock = tomllib.loads((ROOT / "uv.lock").read_text())
     packages = {p["name"]: p for p in lock["package"]}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    serving = {
-        dep.split(";")[0].split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip().lower()
-        for dep in project["dependency-groups"]["serving"]
-    }
+    assert project["dependency-groups"]["serving"] == ["ssd-detector[serve]"]  # uv's group: the extra
+    serving = {dep["name"] for dep in packages["ssd-detector"]["optional-dependencies"]["serve"]}
     installed = _closure(packages, serving)
     assert "fastapi" in installed and "onnxruntime-gpu" in installed  # the walk really ran
     assert not installed & {"torch", "torchvision", "onnx", "onnxscript"}, sorted(installed)

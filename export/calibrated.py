@@ -1,5 +1,6 @@
 """Random models whose scores vary: what the benchmarks and tests export when no trained weights
-can be had (none can be downloaded here)."""
+can be had (none can be downloaded here). In export/, the first layer that has both the model and
+the exporter's synthetic scenes."""
 
 from __future__ import annotations
 
