@@ -53,6 +53,18 @@ TORCH = {
         "the training defaults on 400 images of shapes on real photos: mAP@0.5 per epoch",
     ),
     "loss": ("bench.loss_bench", "matching and MultiBox loss against torchvision's"),
+    "eval": (
+        "bench.eval_bench",
+        "the evaluator's time per dataset (synthetic set, photos/) against an earlier tree's",
+    ),
+    "recall-by-size": (
+        "bench.recall_by_size",
+        "a checkpoint's recall by object size on a dataset: where mAP is lost",
+    ),
+    "decode-memory": (
+        "bench.decode_memory",
+        "peak memory of decoding one ~40-megapixel image per format: the decode budget's figures",
+    ),
     "parity": (
         "bench.parity",
         "torchvision exports against torchvision's own model on the photos of photos/",

@@ -5,9 +5,9 @@ Pillow allocates pixels in C, where tracemalloc does not look, so each case runs
 process that reads its file, opens it, resets the kernel's RSS high-water mark (``5`` into
 ``/proc/self/clear_refs``) and decodes: the peak extra memory is VmHWM after minus VmRSS before.
 
-    python bench/decode_memory.py            # new code, and the old one if OLD_IMAGES is given
-    OLD_IMAGES=/tmp/old_images.py python bench/decode_memory.py
-    python bench/decode_memory.py --only png  # cases whose name contains "png"
+    ssd bench decode-memory             # new code, and the old one if OLD_IMAGES is given
+    OLD_IMAGES=/tmp/old_images.py ssd bench decode-memory
+    ssd bench decode-memory --only png  # cases whose name contains "png"
 
 ``OLD_IMAGES``: a copy of an older ``service/images.py`` (``git show HEAD:service/images.py``),
 measured with its ``decode`` for comparison.
@@ -168,14 +168,14 @@ def _run(which: str, path: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ssd bench decode-memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--only", default="", help="run the cases whose name contains this")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(_child(*args.child)))
-        return
+        return 0
     old = os.environ.get("OLD_IMAGES")
     mb = 1 << 20
     print(
@@ -205,7 +205,8 @@ def main() -> None:
                 f"{new['peak'] / loaded:5.2f} {before['seconds']:6.2f} {new['seconds']:6.2f}",
                 flush=True,
             )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

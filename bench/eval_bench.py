@@ -6,8 +6,9 @@ Two cases, their inputs made here when missing:
   checkpoint, ``ssd data synth --out data/synth --images 2000 --val-images 300 --seed 0`` and
   ``ssd train --model ssdlite320_mobilenet_v3_large --data data/synth --epochs 1 --batch-size 16
   --workers 1 --out runs/eval-1epoch`` (3 to 5 minutes on 2 cores);
-- ``coco-mini``: the 79 coco-mini photos of the workspace's shared data (``COCO_MINI``) with an
-  SSDlite of their 80 categories (81 classes with the background): random weights, batch-norm statistics from
+- ``coco-mini``: the COCO photos of photos/ (``COCO_MINI``; the figures in docs/benchmarks.md
+  were made on the 79 of the coco-mini set, a folder of the same layout) with an SSDlite of
+  their 80 categories (81 classes with the background): random weights, batch-norm statistics from
   synthetic scenes, so that most scores sit above the 0.01 threshold as an untrained network's
   do (32,000 NMS candidates per image), saved in ``ssd train``'s checkpoint format.
 
@@ -17,7 +18,7 @@ trees, so that the load of a shared machine falls on all of them alike, and the 
 ``--repeat`` rounds counts. Prints one JSON line: seconds per tree and case, whether every tree
 printed the same metrics, the load average around each run, the machine.
 
-    python -m bench.eval_bench [--roots /tmp/before .] [--repeat 2] [--cases synth coco-mini]
+    ssd bench eval [--roots /tmp/before .] [--repeat 2] [--cases synth coco-mini]
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def time_postprocess(roots: list[Path], case_args: list[str], repeat: int) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.eval_bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ssd bench eval", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--roots", nargs="+", default=[str(ROOT)], help="code trees to time (default: this one)"
     )

@@ -4,7 +4,7 @@ Recall at IoU 0.5 (same class, score >= 0.05) by the side of the ground-truth bo
 pixels of the model's input. mAP says how much is lost; this says where: on the synthetic set,
 objects under 32 px are the ones SSDlite320's default boxes cannot match.
 
-    uv run python -m bench.recall_by_size runs/demo/best.pt data/synth [--split val]
+    uv run ssd bench recall-by-size runs/demo/best.pt data/synth [--split val]
 """
 
 from __future__ import annotations
@@ -47,14 +47,15 @@ def recall_by_size(checkpoint: str, data: str, split: str = "val", min_score: fl
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ssd bench recall-by-size", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint")
     parser.add_argument("data")
     parser.add_argument("--split", default="val")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     print(json.dumps(recall_by_size(args.checkpoint, args.data, args.split), indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -320,3 +320,16 @@ def test_bench_frontend_counts_cpu_by_thread():
     # Each kind of thread was found: the event loop, and the named decode and inference threads.
     assert detect["event_loop"] > 0 and detect["decoding"] > 0 and detect["inference"] > 0
     assert report["median"]["bare"]["event_loop"] > 0
+
+
+def test_every_benchmark_module_is_a_command_or_a_part_of_one():
+    """No lab script that no command runs: each module of bench/ is an ``ssd bench`` command or
+    serves them (the load generator, the servers, the report's machine and plots)."""
+    from bench import cli
+
+    commands = {module for module, _ in {**cli.SERVING, **cli.TORCH}.values()} | {"bench.convergence"}
+    parts = {"bench.__init__", "bench.cli", "bench.loadgen", "bench.machine", "bench.plots",
+             "bench.server", "bench.workload", "bench.null_artifact"}  # fmt: skip
+    modules = {f"bench.{p.stem}" for p in (ROOT / "bench").glob("*.py")}
+    assert modules - commands - parts == set()
+    assert commands <= modules
