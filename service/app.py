@@ -8,10 +8,10 @@ import gc
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -36,6 +36,7 @@ from .slow_clients import BodyRateGuard
 from .state import State
 
 log = logging.getLogger(__name__)
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 
 
 def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
@@ -100,12 +101,24 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
     return app
 
 
+def get_and_head(app: FastAPI, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """A GET route that answers HEAD too, HEAD left out of the OpenAPI schema: one route with
+    both methods gives both operations the same id (a schema that code generators reject)."""
+
+    def add(endpoint: Endpoint) -> Endpoint:
+        app.add_api_route(path, endpoint, methods=["GET"], **options)
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **options)
+        return endpoint
+
+    return add
+
+
 def _add_operational_routes(app: FastAPI) -> None:
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @get_and_head(app, "/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @get_and_head(app, "/readyz")
     async def readyz(state: StateDep) -> JSONResponse:
         why = state.not_ready()
         if why is None:
@@ -116,11 +129,11 @@ def _add_operational_routes(app: FastAPI) -> None:
             headers={"Retry-After": "5"},
         )
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    @get_and_head(app, "/metrics")
     async def metrics(state: StateDep) -> Response:
         return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    @app.api_route("/model", methods=["GET", "HEAD"], dependencies=[Depends(known_query)])
+    @get_and_head(app, "/model", dependencies=[Depends(known_query)])
     async def model(
         state: StateDep, model: ModelQuery = None, version: VersionQuery = None
     ) -> dict[str, Any]:

@@ -68,3 +68,19 @@ def test_the_reference_gives_each_code_its_status_and_grpc_status():
         assert defaults.get(code, status) == status, code
         if grpc_status != "-":
             assert CODES.get(status, grpc.StatusCode.INTERNAL).name == grpc_status, code
+
+
+def test_the_openapi_schema_is_clean_and_every_operation_has_an_id_of_its_own():
+    """The schema code generators read: no duplicate operation ids (FastAPI warns of them), the
+    HEAD twins of GET routes left out, the inference routes in."""
+    import warnings
+
+    from service.app import create_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a duplicate operation id is a UserWarning
+        schema = create_app().openapi()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    assert all("head" not in path for path in schema["paths"].values())
+    assert {"/detect", "/v2/models/{name}/infer", "/readyz", "/metrics"} <= set(schema["paths"])
