@@ -46,7 +46,8 @@ def test_the_wheel_serves_with_the_serve_extra_alone(tmp_path):
                    check=True, capture_output=True, timeout=600)  # fmt: skip
     (wheel,) = (tmp_path / "dist").glob("ssd_detector-*.whl")
     venv = tmp_path / "venv"
-    subprocess.run([*uv, "venv", "--quiet", "--python", "3.11", str(venv)], check=True, timeout=300)
+    here = f"{sys.version_info.major}.{sys.version_info.minor}"  # the suite's own Python
+    subprocess.run([*uv, "venv", "--quiet", "--python", here, str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"
     subprocess.run([*uv, "pip", "install", "--quiet", "--python", str(python), f"{wheel}[serve]"],
                    check=True, capture_output=True, timeout=900)  # fmt: skip
