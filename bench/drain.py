@@ -19,8 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 from .server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _outcome(call) -> int | str:
+    import httpx  # the dev install's; imported here so that `ssd --help` parses without it
+
     try:
         return call().status_code
     except httpx.TransportError as exc:
@@ -41,6 +41,8 @@ def _outcome(call) -> int | str:
 
 
 def main(args: argparse.Namespace) -> int:
+    import httpx
+
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")} | {"SSD_PROVIDERS": "cpu"}
