@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     roots = [Path(r).resolve() for r in args.roots]
     report: dict = {
         "benchmark": "ssd evaluate wall time",
-        "command": " ".join(["python -m bench.eval_bench", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["ssd bench eval", *(argv if argv is not None else sys.argv[1:])]),
         "machine": machine_info(),
         "cases": {},
     }
