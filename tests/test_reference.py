@@ -1,8 +1,10 @@
 """docs/reference.md's tables against the code: a code the service can answer is in the table of
-error codes, with its HTTP status and its gRPC status, and the table has no other."""
+error codes, with its HTTP status and its gRPC status, and the table has no other; the commands
+table is the parser's list."""
 
 from __future__ import annotations
 
+import argparse
 import ast
 import re
 from pathlib import Path
@@ -84,3 +86,21 @@ def test_the_openapi_schema_is_clean_and_every_operation_has_an_id_of_its_own():
     assert len(ids) == len(set(ids))
     assert all("head" not in path for path in schema["paths"].values())
     assert {"/detect", "/v2/models/{name}/infer", "/readyz", "/metrics"} <= set(schema["paths"])
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:  # argparse keeps its subparsers there, and nowhere public
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def test_the_commands_table_is_the_parsers():
+    import cli
+
+    parsed = set()
+    for name, sub in _subcommands(cli.build_parser()).items():
+        parsed.add(f"ssd {name}")
+        parsed |= {f"ssd {name} {inner}" for inner in _subcommands(sub)}
+    documented = set(re.findall(r"^\| `(ssd [a-z -]+)` \|", REFERENCE.read_text(), flags=re.M))
+    assert documented == parsed
