@@ -36,7 +36,7 @@ from .slow_clients import BodyRateGuard
 from .state import State
 
 log = logging.getLogger(__name__)
-Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
+Route = TypeVar("Route", bound=Callable[..., Any])
 
 
 def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -> FastAPI:
@@ -101,11 +101,11 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
     return app
 
 
-def get_and_head(app: FastAPI, path: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+def get_and_head(app: FastAPI, path: str, **options: Any) -> Callable[[Route], Route]:
     """A GET route that answers HEAD too, HEAD left out of the OpenAPI schema: one route with
     both methods gives both operations the same id (a schema that code generators reject)."""
 
-    def add(endpoint: Endpoint) -> Endpoint:
+    def add(endpoint: Route) -> Route:
         app.add_api_route(path, endpoint, methods=["GET"], **options)
         app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False, **options)
         return endpoint

@@ -34,15 +34,22 @@ PATH = "/detect"
 MODEL_CHARS, VERSION_CHARS = 128, 20  # as ModelQuery and VersionQuery declare them
 
 
-def _pairs(scope: Scope) -> list[tuple[str, str]]:
-    return parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+def _query(scope: Scope) -> dict[str, str]:
+    """The request's query parameters, the last of a repeated one (as everywhere), parsed once
+    per request: the door, the routing and ``Params`` all read them."""
+    state = scope.setdefault("state", {})
+    query = state.get("detect_query")
+    if query is None:
+        pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+        query = state["detect_query"] = dict(pairs)
+    return query
 
 
 def head(scope: Scope) -> Head | None:
     """The door's reading of a ``/detect`` request (None for other paths)."""
     if scope["path"] != PATH:
         return None
-    query = dict(_pairs(scope))  # the last of a repeated parameter, as everywhere
+    query = _query(scope)
     timeout = query.get("timeout_ms")
     try:
         timeout_ms = float(timeout) if timeout is not None else None
@@ -70,7 +77,7 @@ class Params:
         """422 naming the parameter for a value of the wrong type, and for a parameter the route
         does not take (a typo, ``threshold`` for ``score_threshold``, must not be answered as
         if it were not there)."""
-        query = dict(_pairs(scope))
+        query = _query(scope)
         unknown = query.keys() - NAMES
         if unknown:
             raise unknown_query(unknown, NAMES)
@@ -119,7 +126,7 @@ def _integer(query: dict[str, str], key: str) -> int | None:
         raise _invalid(f"{key}: an integer is needed, not {value!r}") from None
 
 
-async def handle(request: Request, call: Call) -> Response:
+async def handle(request: Request, call: Call, head: Head) -> Response:
     """``POST /detect``: the images of the body, their detections as the contract's JSON."""
     params = Params.parse(request.scope)
     call.resolve(params.model, params.version)

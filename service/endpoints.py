@@ -31,10 +31,10 @@ from .pipeline import Call, not_ready
 @dataclass(frozen=True)
 class Endpoint:
     """An inference route: ``head`` reads a request's path and query (None: not this route; the
-    door reads the same), ``handle`` answers it from its ``Call``."""
+    door reads the same), ``handle`` answers it from its ``Call`` and that head."""
 
     head: Callable[[Scope], Head | None]
-    handle: Callable[[Request, Call], Awaitable[Response]]
+    handle: Callable[[Request, Call, Head], Awaitable[Response]]
 
 
 class InferenceRoutes:
@@ -65,7 +65,7 @@ class InferenceRoutes:
                 if service is None:
                     raise not_ready("the service is starting")
                 call = state["call"] = Call(service, head.route)
-            response = await endpoint.handle(request, call)
+            response = await endpoint.handle(request, call, head)
         except Exception as exc:
             response = render(scope, as_api_error(exc, "POST", scope["path"]))
         await response(scope, receive, send)

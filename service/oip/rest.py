@@ -325,12 +325,10 @@ async def index(request: Request, state: StateDep) -> list[dict[str, Any]]:
     return repository_index(state, ready)
 
 
-async def handle(request: Request, call: Call) -> Response:
+async def handle(request: Request, call: Call, head: Head) -> Response:
     """``POST /v2/models/{name}[/versions/{version}]/infer``, answered below FastAPI
-    (service/endpoints.py)."""
-    found = INFER.match(request.scope["path"])
-    assert found is not None, "routed by head()"
-    name, version = found.groups()
+    (service/endpoints.py); ``head``: the model and version its path names."""
+    name, version = head.model or "", head.version
     if len(name) > NAME_CHARS:
         raise bad(f"name: at most {NAME_CHARS} characters")
     call.resolve(name, version)
