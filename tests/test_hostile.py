@@ -1,4 +1,4 @@
-"""Hostile inputs against a live ``ssd serve`` (bench/hostile.py holds the cases; ``ssd bench
+"""Hostile inputs against a live ``ssd serve`` (attacks/ holds the cases; ``ssd bench
 hostile`` runs them all at once beside normal load).
 
 One server for the module, on a copy of the demo model, with ``SSD_ADMIN_TOKEN`` set and every
@@ -16,19 +16,11 @@ import httpx
 import pytest
 from live import free_port, live_server
 
-from bench.hostile import (
-    NO_PHOTOS,
-    PHOTOS,
-    RSS_LIMIT,
-    Case,
-    Target,
-    cases,
-    fuzz_cases,
-    photos,
-    proc_status,
-    ready,
-    run_case,
-)
+from attacks.catalogue import RSS_LIMIT, Case, cases, run_case
+from attacks.client import Target, ready
+from attacks.fuzz import fuzz_cases
+from attacks.payloads import NO_PHOTOS, PHOTOS, photos
+from attacks.watch import proc_status
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo.onnx"
@@ -105,7 +97,7 @@ def test_fuzzed_photos_through_the_open_inference_protocol(server: Target, proto
 def test_mutations_are_reproducible() -> None:
     """The same seed gives the same bytes (a failure can be replayed), different seeds differ."""
     assert PHOTOS.is_dir(), NO_PHOTOS
-    from bench.hostile import mutations
+    from attacks.fuzz import mutations
 
     sources = photos()[:3]
     first = list(mutations(7, 12, sources))

@@ -1,5 +1,6 @@
-"""The dependency rule of the design contract: model/ -> export/ -> service/ (-> release/), never
-backwards."""
+"""The dependency rule: model/ -> export/ -> service/ (-> release/), never backwards; the attack
+catalogue (attacks/) and the benchmarks (bench/) stand outside the pipeline and nothing in it
+imports them."""
 
 import ast
 import json
@@ -15,7 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "model": {"export", "service", "release"},
     "export": {"service", "release"},
-    "service": {"torch", "torchvision", "model", "export", "release"},
+    "service": {"torch", "torchvision", "model", "export", "release", "bench", "attacks"},
+    # A client of the service, like any other: it reaches the service only through its protocols
+    # (and the OIP's generated messages), so it runs against any server.
+    "attacks": {"torch", "torchvision", "model", "export", "release", "bench"},
 }
 
 
@@ -110,9 +114,21 @@ def _module_imports(path: Path, package_root: Path) -> set[str]:
     return names
 
 
+def test_only_the_benchmarks_tests_import_bench():
+    """The tests' own helpers (the attack catalogue, the calibrated model) live outside bench/, so
+    a test of the product never depends on a benchmark's code."""
+    allowed = {"test_bench.py", "test_peers.py"}
+    importers = sorted(
+        path.name
+        for path in (ROOT / "tests").rglob("*.py")
+        if "bench" in _imports(path) and path.name not in allowed
+    )
+    assert not importers
+
+
 def test_no_import_circles():
     modules = {}
-    for package in ("model", "export", "service", "bench"):
+    for package in ("model", "export", "service", "bench", "attacks"):
         for path in (ROOT / package).rglob("*.py"):
             name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
             modules[name] = path
