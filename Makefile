@@ -19,7 +19,7 @@ DEMO_TRAIN = $(UV) run --frozen ssd train --model ssdlite320_mobilenet_v3_large 
 	--batch-size 16 --precise-bn 16 --workers 1 --seed 0
 
 
-.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env proto lint format bench bench-peers clean demo-model
+.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env proto openapi lint format bench bench-peers clean demo-model
 
 # uv itself, where it is missing.
 uv:
@@ -96,6 +96,12 @@ proto: install
 		service/oip/proto/open_inference_grpc.proto
 	$(UV) run --frozen python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. \
 		service/oip/proto/model_config.proto service/oip/proto/triton_repository.proto
+
+# The OpenAPI schema the service serves, committed as docs/openapi.json (tests/test_reference.py
+# fails when the two differ).
+openapi: install
+	$(UV) run --frozen python -c "import json; from service.app import create_app; \
+		print(json.dumps(create_app().openapi(), indent=2))" > docs/openapi.json
 
 lint: install
 	$(UV) run --frozen ruff check .

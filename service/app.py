@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from . import detect, errors
+from . import detect, errors, schema
 from .accounting import Accounting
 from .artifact import ArtifactError
 from .budget import RequestBudget
@@ -95,9 +95,20 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
     app.add_middleware(BodyRateGuard, timeout_s=settings.body_timeout_s, min_rate=settings.min_body_rate)
     app.add_middleware(ObservabilityMiddleware, accounting=accounting)
     app.add_middleware(Door, heads=[e.head for e in inference])
-    app.add_api_route(detect.PATH, detect.declaration, methods=["POST"], response_model=None)
+    app.add_api_route(
+        detect.PATH,
+        detect.declaration,
+        methods=["POST"],
+        summary="Detect objects",
+        description=schema.DETECT,
+        operation_id="detect",
+        response_model=schema.DetectResponse,
+        responses=schema.errors(400, 404, 413, 415, 422, 503, 504),
+        openapi_extra=schema.DETECT_BODY,
+    )
     app.include_router(oip_rest.router)
     _add_operational_routes(app)
+    app.openapi = lambda: schema.openapi(app)  # type: ignore[method-assign]
     return app
 
 

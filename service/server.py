@@ -215,6 +215,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000)
 
 
+def settings_errors(exc: ValidationError) -> str:
+    """One line per bad setting, named as the user set it (``SSD_MAX_BATCH_SIZE``, not pydantic's
+    field name), with the value given where there is one."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        field = ".".join(str(part) for part in error["loc"])
+        name = f"SSD_{field.upper()}" if field else "settings"
+        given = f"={error['input']}" if field and isinstance(error.get("input"), str | int | float) else ""
+        lines.append(f"  {name}{given}: {error['msg']}")
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> int:
     from .app import create_app
     from .logs import configure_logging
@@ -224,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**({"model_path": args.model} if args.model else {}))
     except ValidationError as exc:
-        print(f"ssd serve: invalid settings:\n{exc}", file=sys.stderr)
+        print("ssd serve: invalid settings:\n" + settings_errors(exc), file=sys.stderr)
         return 2
     configure_logging(settings.log_json)
     soft, hard = raise_open_files_limit()

@@ -1,6 +1,7 @@
 """The README's first Python example runs as written (the second needs torchvision's download; the
-tritonclient one runs in tests/test_tritonclient.py), and docs/testing.md lists the tests marked
-timing-dependent."""
+tritonclient one runs in tests/test_tritonclient.py), its quickstart answer is the demo model's,
+and docs/testing.md lists the tests marked timing-dependent. The reference's tables are checked
+in tests/test_reference.py."""
 
 import ast
 import re
@@ -77,46 +78,3 @@ def test_the_timing_dependent_tests_are_listed_with_what_they_assume():
     listed = {cells[1].split()[0] for cells in rows}
     assert all(len(cells) == 5 and cells[2].strip() and cells[3].strip() for cells in rows)
     assert listed == timing_tests()
-
-
-def _shown(value: object) -> str | None:
-    """A setting's default as the README's table writes it in backticks (None: in words)."""
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def test_the_settings_table_is_the_settings_model():
-    """Every SSD_ variable the service reads is in the README's table, with its default, and the
-    table has no other."""
-    from service.settings import Settings
-
-    rows = dict(re.findall(r"^\| `(SSD_[A-Z0-9_]+)` \| ([^|]*) \|", README.read_text(), flags=re.M))
-    fields = {f"SSD_{name.upper()}": field.default for name, field in Settings.model_fields.items()}
-    assert rows.keys() == fields.keys()
-    for name, default in fields.items():
-        written = re.match(r"`([^`]*)`", rows[name].strip())
-        if _shown(default) is None:
-            assert written is None, f"{name}: no default, but the table gives {rows[name]!r}"
-        else:
-            assert written and written.group(1) == _shown(default), f"{name}: {default!r}, not {rows[name]!r}"
-
-
-def test_the_metrics_named_are_the_metrics_served():
-    """The README names every detector_ metric the service exposes, by its exposed name, and no
-    other."""
-    from service.metrics import Metrics
-
-    exposed = {
-        family.name + ("_total" if family.type == "counter" else "")
-        for family in Metrics().registry.collect()
-        if family.name.startswith("detector_")
-    }
-    named = set(re.findall(r"`(detector_[a-z_]+)", README.read_text()))
-    assert named == exposed

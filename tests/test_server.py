@@ -308,3 +308,27 @@ def test_promtool_is_what_checks_the_metrics():
     bad = "# TYPE detector_x counter\ndetector_x{a=b} 1\n"
     check = subprocess.run(["promtool", "check", "metrics"], input=bad, capture_output=True, text=True)
     assert check.returncode != 0
+
+
+def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
+    """A bad setting is reported by its environment variable and the value given, one per line,
+    and a bad combination by its own message: the user set SSD_*, not pydantic's field names."""
+    from pydantic import ValidationError
+
+    from service.server import settings_errors
+    from service.settings import Settings
+
+    monkeypatch.setenv("SSD_MAX_BATCH_SIZE", "0")
+    monkeypatch.setenv("SSD_DRAIN_S", "soon")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    lines = settings_errors(caught.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].strip().startswith("SSD_MAX_BATCH_SIZE=0: ")
+    assert lines[1].strip().startswith("SSD_DRAIN_S=soon: ")
+    monkeypatch.delenv("SSD_MAX_BATCH_SIZE")
+    monkeypatch.delenv("SSD_DRAIN_S")
+    monkeypatch.setenv("SSD_MODEL_DIR", "/nonexistent-models")
+    with pytest.raises(ValidationError) as caught:
+        Settings(model_path="a.onnx")
+    assert "not both" in settings_errors(caught.value)

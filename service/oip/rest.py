@@ -33,6 +33,7 @@ from fastapi import APIRouter, Path, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.types import Scope
 
+from .. import schema
 from ..dependencies import StateDep, served
 from ..door import Head
 from ..endpoints import Endpoint
@@ -358,8 +359,16 @@ async def handle(request: Request, call: Call, head: Head) -> Response:
 ENDPOINT = Endpoint(head, handle)
 
 
-@router.post("/models/{name}/infer")
-@router.post("/models/{name}/versions/{version}/infer")
+_INFER = {
+    "summary": "Inference",
+    "description": schema.INFER,
+    "responses": schema.errors(400, 404, 413, 415, 503, 504, model=schema.ProtocolError),
+    "openapi_extra": schema.INFER_BODY,
+}
+
+
+@router.post("/models/{name}/infer", **_INFER)
+@router.post("/models/{name}/versions/{version}/infer", **_INFER)
 async def infer(name: Name, version: str | None = None) -> None:
     """Inference (the Open Inference Protocol's request; the module docstring).
 
