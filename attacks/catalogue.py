@@ -1,7 +1,7 @@
 """The attack cases: what each hostile client does and what the server must answer.
 
 One home for them, shared by tests/test_hostile.py (one test per case) and ``ssd bench hostile``
-(every case at once beside normal load). They follow the README's "Serve" section (images, the
+(every case at once beside normal load). They follow docs/reference.md (images, the
 error table, slow and vanishing clients, reloads): formats outside the decoding allow-list (EPS
 must never reach Ghostscript), decompression bombs, corrupt and truncated files, clients that
 disconnect mid-upload, oversize bodies and multipart abuse, admin routes and a tampered artifact.

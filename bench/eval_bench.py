@@ -6,11 +6,12 @@ Two cases, their inputs made here when missing:
   checkpoint, ``ssd data synth --out data/synth --images 2000 --val-images 300 --seed 0`` and
   ``ssd train --model ssdlite320_mobilenet_v3_large --data data/synth --epochs 1 --batch-size 16
   --workers 1 --out runs/eval-1epoch`` (3 to 5 minutes on 2 cores);
-- ``coco-mini``: the COCO photos of photos/ (``COCO_MINI``; the figures in docs/benchmarks.md
-  were made on the 79 of the coco-mini set, a folder of the same layout) with an SSDlite of
-  their 80 categories (81 classes with the background): random weights, batch-norm statistics from
-  synthetic scenes, so that most scores sit above the 0.01 threshold as an untrained network's
-  do (32,000 NMS candidates per image), saved in ``ssd train``'s checkpoint format.
+- ``coco``: COCO photos with their instances file (``--coco``, default
+  photos/instances_val2017.json, the repository's ten; the figures in docs/benchmarks.md were
+  made on 79 COCO val2017 photos passed the same way) with an SSDlite of their 80 categories
+  (81 classes with the background): random weights, batch-norm statistics from synthetic
+  scenes, so that most scores sit above the 0.01 threshold as an untrained network's do (32,000
+  NMS candidates per image), saved in ``ssd train``'s checkpoint format.
 
 Each tree runs ``python -c 'import cli; cli.main()' evaluate ...`` from its own folder with this
 interpreter (one virtual environment for all, so only the code differs); rounds alternate the
@@ -18,7 +19,7 @@ trees, so that the load of a shared machine falls on all of them alike, and the 
 ``--repeat`` rounds counts. Prints one JSON line: seconds per tree and case, whether every tree
 printed the same metrics, the load average around each run, the machine.
 
-    ssd bench eval [--roots /tmp/before .] [--repeat 2] [--cases synth coco-mini]
+    ssd bench eval [--roots /tmp/before .] [--repeat 2] [--cases synth coco] [--coco FILE.json]
 """
 
 from __future__ import annotations
@@ -31,16 +32,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.machine import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ssdlite320_mobilenet_v3_large"
-COCO_MINI = ROOT / "photos" / "instances_val2017.json"  # photos/README.md
+COCO = ROOT / "photos" / "instances_val2017.json"  # photos/README.md
 SYNTH = ROOT / "data" / "synth"
 SYNTH_CHECKPOINT = ROOT / "runs" / "eval-1epoch" / "best.pt"
-COCO_CHECKPOINT = ROOT / "runs" / "eval-bench" / "coco-mini-ssdlite.pt"
+COCO_CHECKPOINTS = ROOT / "runs" / "eval-bench"
 
 
 def _ssd(root: Path, *args: str, capture: bool = True) -> subprocess.CompletedProcess[str]:
@@ -61,30 +63,31 @@ def make_synth_checkpoint() -> Path:
     return SYNTH_CHECKPOINT
 
 
-def make_coco_checkpoint(seed: int = 0) -> Path:
-    """The random SSDlite of coco-mini's classes (export/calibrated.py ``random_model``)."""
-    if COCO_CHECKPOINT.is_file():
-        return COCO_CHECKPOINT
-    from export.calibrated import random_model
-    from model.checkpoint import atomic_save
+def make_coco_checkpoint(instances: Path, seed: int = 0) -> Path:
+    """The random SSDlite of the instances file's classes (export/calibrated.py ``random_model``),
+    made once per class list."""
     from model.data import open_dataset
 
-    classes = open_dataset(COCO_MINI, "val").classes
+    classes = open_dataset(instances, "val").classes
+    digest = hashlib.sha256(json.dumps(classes).encode()).hexdigest()[:8]
+    checkpoint = COCO_CHECKPOINTS / f"coco-{len(classes)}-{digest}-ssdlite.pt"
+    if checkpoint.is_file():
+        return checkpoint
+    from export.calibrated import random_model
+    from model.checkpoint import atomic_save
+
     model = random_model(MODEL, len(classes) + 1, seed)
     state = {"model": model.state_dict(), "model_name": MODEL, "num_classes": len(classes) + 1}
-    atomic_save(state | {"classes": classes, "scale_set": None, "epoch": 0, "metrics": {}}, COCO_CHECKPOINT)
-    return COCO_CHECKPOINT
+    atomic_save(state | {"classes": classes, "scale_set": None, "epoch": 0, "metrics": {}}, checkpoint)
+    return checkpoint
 
 
-CASES = {
-    "synth": lambda: ["--checkpoint", str(make_synth_checkpoint()), "--data", str(SYNTH), "--split", "val"],
-    "coco-mini": lambda: [
-        "--checkpoint",
-        str(make_coco_checkpoint()),
-        "--data",
-        str(COCO_MINI),
-        "--split",
-        "val",
+CASES: dict[str, Callable[[argparse.Namespace], list[str]]] = {
+    "synth": lambda args: [
+        *("--checkpoint", str(make_synth_checkpoint()), "--data", str(SYNTH), "--split", "val")
+    ],
+    "coco": lambda args: [
+        *("--checkpoint", str(make_coco_checkpoint(Path(args.coco))), "--data", args.coco, "--split", "val")
     ],
 }
 
@@ -149,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         "--roots", nargs="+", default=[str(ROOT)], help="code trees to time (default: this one)"
     )
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument(
+        "--coco",
+        default=str(COCO),
+        help="the coco case's instances JSON, its images beside it (default: photos/)",
+    )
     parser.add_argument("--repeat", type=int, default=2, help="rounds; the best counts (default 2)")
     parser.add_argument(
         "--postprocess", action="store_true", help="also time select_detections alone on a batch of 32"
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "cases": {},
     }
     for case in args.cases:
-        evaluate_args = ["evaluate", *CASES[case]()]
+        evaluate_args = ["evaluate", *CASES[case](args)]
         if args.postprocess:
             report.setdefault("postprocess", {})[case] = time_postprocess(
                 roots, evaluate_args[1:], args.repeat

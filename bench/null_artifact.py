@@ -1,5 +1,5 @@
 """The null artifact: a valid detector artifact of ours whose graph does no work, to measure the
-serving front end alone (``ssd bench frontend``; issue "front-end cost").
+serving front end alone (``ssd bench frontend``).
 
 It has the demo model's interface (``images`` uint8 [batch, 320, 320, 3], the ``class_ids``
 initializer, ``num_detections`` / ``boxes`` / ``scores`` / ``labels``) and metadata (its classes,

@@ -36,15 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = ROOT / "photos" / "val2017"  # photos/README.md
 
 
-def photos(input_size: tuple[int, int]) -> np.ndarray:
-    """The coco-mini photos as the service feeds them to the model: uint8 [N, H, W, 3]."""
-    paths = sorted(PHOTOS.glob("*.jpg"))
+def photos(input_size: tuple[int, int], folder: Path = PHOTOS) -> np.ndarray:
+    """The JPEGs of ``folder`` as the service feeds them to the model: uint8 [N, H, W, 3]."""
+    paths = sorted(folder.glob("*.jpg"))
     if not paths:
-        raise SystemExit(f"no photos in {PHOTOS}")
+        raise SystemExit(f"no photos in {folder}")
     return np.stack([decode(p.read_bytes(), input_size, 100_000_000).pixels for p in paths])
 
 
-def parity(name: str, batch: int = 8) -> dict:
+def parity(name: str, folder: Path = PHOTOS, batch: int = 8) -> dict:
     model = random_model(name, num_classes=91, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.pth"
@@ -55,7 +55,7 @@ def parity(name: str, batch: int = 8) -> dict:
         export_s = time.perf_counter() - started
         sess = verify.session(artifact.path)
         reference = source.reference(ExportOptions().config)
-        images = photos(model.input_size)
+        images = photos(model.input_size, folder)
         report = verify.Report(batch_sizes=[batch])
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
@@ -86,9 +86,12 @@ def parity(name: str, batch: int = 8) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ssd bench parity", description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(TORCHVISION_MODELS), choices=TORCHVISION_MODELS)
+    parser.add_argument(
+        "--images", type=Path, default=PHOTOS, help="folder of JPEG photos (default: photos/val2017)"
+    )
     parser.add_argument("--json", default=None, help="write the report here too")
     args = parser.parse_args(argv)
-    report = {"machine": machine_info(), "results": [parity(name) for name in args.models]}
+    report = {"machine": machine_info(), "results": [parity(name, args.images) for name in args.models]}
     emit(report, args.json)
     return 1 if any(r["mismatches"] for r in report["results"]) else 0
 

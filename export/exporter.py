@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 OPSET = 18
 DETECTION_OUTPUTS = ["num_detections", "boxes", "scores", "labels"]
-# The class count, carried by the graph itself (README, "Export a model artifact"): an int64
+# The class count, carried by the graph itself (docs/reference.md, "The model artifact"): an int64
 # [C] initializer 0..C-1, listed as an optional graph input so that ONNX Runtime shows its shape
 # (InferenceSession.get_overridable_initializers) to a service without the onnx package. The
 # service refuses an artifact whose ``classes`` metadata disagrees with it: metadata is easy to

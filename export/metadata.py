@@ -1,5 +1,5 @@
-"""The artifact's self-description (ONNX ``metadata_props``), as the README lists it ("Export a
-model artifact").
+"""The artifact's self-description (ONNX ``metadata_props``), as docs/reference.md lists it ("The
+model artifact": a test holds the two to each other).
 
 Every value is a string (ONNX's rule); lists, sizes and metrics are JSON. Beyond the contract's
 keys we record what a reader needs to run or compare artifacts without guessing: the output

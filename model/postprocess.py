@@ -4,7 +4,7 @@ Per class: keep the top ``topk_candidates`` default boxes, drop scores at or bel
 ``score_threshold`` and empty boxes, run NMS, then keep the best ``max_detections`` per image.
 With ``class_agnostic``, each default box competes only with its best class, in one NMS. The same
 detections as torchvision's ``SSD.postprocess_detections`` (tested), with one top-k for the whole
-batch. The output is padded like the exported ONNX graph's (see the README, "Export a model
+batch. The output is padded like the exported ONNX graph's (docs/reference.md, "The model
 artifact"), and NMS sees the same float32 box coordinates as the graph's (``class_offsets``),
 so the two can be compared tensor for tensor.
 """

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 # The graph's own class count: an int64 [C] initializer the exporter lists as an optional input,
-# whose shape ONNX Runtime shows (export/exporter.py CLASS_IDS; the README, "Export a model artifact").
+# whose shape ONNX Runtime shows (export/exporter.py CLASS_IDS; docs/reference.md, "The model artifact").
 CLASS_IDS = "class_ids"
 REQUIRED_METADATA = ("classes", "model", "input_size", "score_threshold", "iou_threshold", "max_detections")
 PROVIDER_NAMES = {

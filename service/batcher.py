@@ -305,7 +305,8 @@ class Batcher:
             raise ShuttingDown("the service is shutting down")
         # The queue plus these, from now: past the deadline, no point in queueing them. (Images
         # still being decoded are not ahead of these: counted, they dropped requests that would
-        # have made their deadlines, on one core 16-54 of 600 in a 10x overload.)
+        # have made their deadlines, on one core 16-54 of 600 in a 10x overload: "A slower
+        # machine" in docs/benchmarks-history.md.)
         if self.times and self.estimated_completion(len(images), Stage.QUEUED) > deadline:
             raise DeadlineExceeded("the request would finish past its deadline: dropped before inference")
         loop = asyncio.get_running_loop()
@@ -358,11 +359,10 @@ class Batcher:
         ):
             # The company is coming once decoded, and an image left behind would wait a whole
             # batch for the next one: wait up to a full batch's time or the decoding time, at
-            # least the configured delay. With decode threads below inference, decoding ends
-            # late while a batch runs: a bound of the decoding time alone let batches of 4 leave
-            # at 8 clients, one image in ten a batch late; with a full batch's time they are
-            # full and p99 fell from 122-132 to 95-107 ms, images/s no lower at 2 to 32 clients
-            # (A/B, docs/benchmarks.md "Scheduling").
+            # least the configured delay. Decode threads run below inference, so decoding ends
+            # late while a batch runs; bounded by the decoding time alone, batches of 4 left at
+            # 8 clients and the p99 was 122-132 ms against 95-104 with a full batch's time
+            # (docs/benchmarks-history.md, "Scheduling and deadlines").
             wait = max(self.max_delay, self._decode_s, self.batch_seconds(self.max_batch_size))
             remaining = self._queue[0].enqueued + wait - self.clock()
             if remaining <= 0:

@@ -45,11 +45,9 @@ def _yield_to_inference() -> None:
     At saturation inference is the bottleneck, and a batch is only as fast as ONNX Runtime's
     slowest intra-op thread. Four decode threads at equal priority took most of two cores from
     it; below it they fill the time inference leaves. Not too far below: a decode thread that is
-    descheduled while it holds the GIL stalls the event loop until it runs again. Measured on 2
-    cores (docs/benchmarks.md "Scheduling"): nice +10 gave +5-12% images/s at 16-64 clients
-    over +0, and +5 did as well or better than +10 with a lower p99 (116.7 against 120.9 ms at 8
-    clients, 379.8 against 391.6 at 32), and refusals under 2x overload answered in 23 ms at
-    the p99 against 38.5 ms with +10.
+    descheduled while it holds the GIL stalls the event loop until it runs again. On 2 cores, +5
+    kept the images/s of +10 (5-12% above +0 at 16-64 clients) with the refusals' p99 under 2x
+    overload at 23 ms instead of 38.5 (docs/benchmarks-history.md, "Scheduling and deadlines").
     Linux only: there setpriority on a thread id applies to that thread alone.
     """
     name_this_thread(DECODE)

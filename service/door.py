@@ -14,11 +14,12 @@ model loaded) goes on to the route, which answers it with the right error from t
 
 A refusal must cost the event loop next to nothing: clients that retry each 503 at once (64 of
 them with ``timeout_ms=300`` on a service that can keep about 30 such deadlines) send thousands
-a second. py-spy of that storm with the door inside the other middleware: 45% of the event loop
-in the metrics and access-log middleware, 25% in dependency solving. Here a refusal is counted
-in the same metrics (service/accounting.py), carries the same ``X-Request-Id``, closes the
-connection, and is logged once a second as a count. Its unread body is discarded by the HTTP
-protocol after the answer (service/slow_clients.py), as for every answer given before a body.
+a second, and with the door inside the other middleware 45% of the event loop went to the
+metrics and access-log middleware (docs/benchmarks-history.md, "Scheduling and deadlines").
+Here a refusal is counted in the same metrics (service/accounting.py), carries the same
+``X-Request-Id``, closes the connection, and is logged once a second as a count. Its unread body
+is discarded by the HTTP protocol after the answer (service/slow_clients.py), as for every answer
+given before a body.
 """
 
 from __future__ import annotations

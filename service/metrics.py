@@ -1,4 +1,4 @@
-"""Prometheus metrics, with the names and labels the README lists ("Serve").
+"""Prometheus metrics, with the names and labels docs/reference.md lists ("Metrics").
 
 Each app owns a ``CollectorRegistry`` (no module-level global registry), so that tests can run
 several apps in one process. Histogram buckets span 1 ms to 30 s: SSD requests on a GPU take a

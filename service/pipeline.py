@@ -137,7 +137,8 @@ def refusal(exc: Exception) -> APIError:
         # The connection is closed: a client that retries at once (not honouring Retry-After)
         # must reconnect first, and pays for it. 64 clients retrying each 503 at once with
         # timeout_ms=300 got 57 images/s answered so, against 6 on kept-alive connections, where
-        # their refusals took the whole event loop (docs/benchmarks.md, Scheduling).
+        # their refusals took the whole event loop (docs/benchmarks-history.md, "Scheduling and
+        # deadlines").
         headers = {"Retry-After": str(exc.retry_after), "Connection": "close"}
         return APIError(503, f"{exc}; retry in about {exc.retry_after} s", code, headers)
     if isinstance(exc, ShuttingDown):

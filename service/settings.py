@@ -1,4 +1,4 @@
-"""The service's settings: environment variables with the prefix ``SSD_`` (the README's table, "Serve")."""
+"""The service's settings: environment variables with the prefix ``SSD_`` (docs/reference.md, "Settings")."""
 
 from __future__ import annotations
 
