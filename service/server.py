@@ -8,8 +8,9 @@ SIGTERM drains it (``DrainingServer``): for SSD_DRAIN_S the readiness routes ans
 every route still serves, since a load balancer goes on routing here for a few seconds after it
 is told (Kubernetes removes an endpoint asynchronously); then the listeners close, and the
 requests in progress, the gRPC calls and the queues have SSD_SHUTDOWN_TIMEOUT_S together to
-finish; the process exits 0. SIGINT (Ctrl-C), or a second signal, skips the drain; one more
-stops without waiting for the work in progress.
+finish; the process exits 0. SIGINT (Ctrl-C), or a second signal (a second or more after the
+first: the same signal twice at once is one stop), skips the drain; one more stops without
+waiting for the work in progress.
 """
 
 from __future__ import annotations
@@ -159,6 +160,12 @@ def connection_ceiling(
     return Ceiling
 
 
+# The same signal again within this time is the same request to stop, not a second one: `uv run`
+# forwards the SIGTERM its process group got (systemd's control-group kill, `kill -TERM -PGID`),
+# so the server receives it twice within milliseconds, and must still drain.
+SAME_STOP_S = 1.0
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn's server with a drain before its graceful shutdown (the module docstring).
 
@@ -174,6 +181,7 @@ class DrainingServer(uvicorn.Server):
         self.drain_s = drain_s
         self._state = state  # () -> State | None: the app's, once its startup has made it
         self._drain_until: float | None = None
+        self._last_signal: tuple[int, float] | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)  # the app's startup (its state) first, then the listeners
@@ -181,6 +189,14 @@ class DrainingServer(uvicorn.Server):
             asyncio.get_running_loop().set_exception_handler(accept_errors(self._dropped))
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if (
+            self._last_signal is not None
+            and self._last_signal[0] == sig
+            and now - self._last_signal[1] < SAME_STOP_S
+        ):
+            return  # the same stop, delivered twice (below)
+        self._last_signal = (sig, now)
         self._captured_signals.append(sig)  # uvicorn re-raises them once stopped
         state: State | None = self._state()
         if self.should_exit:  # already closing: stop without waiting for the work in progress

@@ -332,3 +332,31 @@ def test_invalid_settings_are_named_as_the_user_set_them(monkeypatch):
     with pytest.raises(ValidationError) as caught:
         Settings(model_path="a.onnx")
     assert "not both" in settings_errors(caught.value)
+
+
+def test_the_same_sigterm_twice_at_once_is_one_stop_and_still_drains(monkeypatch):
+    """`uv run ssd serve` under a supervisor that signals the process group (systemd's default,
+    `kill -TERM -PGID`): the server gets the SIGTERM twice within milliseconds, once from the
+    supervisor and once forwarded by uv. That is one stop: it drains. A second SIGTERM a second
+    or more later is an operator insisting: it skips the drain."""
+    import types
+
+    import uvicorn
+
+    from service import server as serving
+
+    clock = [100.0]
+    monkeypatch.setattr(serving.time, "monotonic", lambda: clock[0])
+    state = types.SimpleNamespace(draining=False)
+    server = serving.DrainingServer(uvicorn.Config(app=lambda *a: None), 5.0, lambda: state)
+    server.handle_exit(signal.SIGTERM, None)
+    clock[0] += 0.003
+    server.handle_exit(signal.SIGTERM, None)  # forwarded by uv
+    assert state.draining and not server.should_exit and not server.force_exit
+    assert server._captured_signals == [signal.SIGTERM]  # re-raised once: one "stopped" line
+    clock[0] += serving.SAME_STOP_S
+    server.handle_exit(signal.SIGTERM, None)  # insisted
+    assert server.should_exit and not server.force_exit
+    clock[0] += serving.SAME_STOP_S
+    server.handle_exit(signal.SIGINT, None)  # and once more: no waiting for the work in progress
+    assert server.force_exit
