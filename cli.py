@@ -10,6 +10,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -65,59 +66,61 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import torch
-
-    from model.checkpoint import CheckpointError, load_model
-    from model.data import DatasetError, open_dataset
-    from model.inference import evaluate_model
-
-    if args.model:
-        return _evaluate_artifact(args)
-    try:
-        model, checkpoint = load_model(args.checkpoint)
-        dataset = open_dataset(args.data, args.split, images_dir=args.images)
-    except (CheckpointError, DatasetError, FileNotFoundError) as exc:
-        print(f"ssd evaluate: {exc}", file=sys.stderr)
-        return 2
-    if dataset.classes != checkpoint["classes"]:
-        print(
-            f"ssd evaluate: the dataset's classes {dataset.classes} "
-            f"are not the checkpoint's {checkpoint['classes']}",
-            file=sys.stderr,
-        )
-        return 2
-    device = torch.device(args.device)
-    metrics = evaluate_model(
-        model.to(device),
-        dataset,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        device=device,
-        progress=True,
-    )
-    print(json.dumps(metrics))
-    return 0
-
-
-def _evaluate_artifact(args: argparse.Namespace) -> int:
-    from model.data import DatasetError, open_dataset
-    from release.evaluate import ClassMismatch, evaluate_artifact
+    """The metrics as one JSON object on stdout (for scripts), and as a table on stderr (for a
+    person)."""
+    from model.checkpoint import CheckpointError
+    from model.data import DatasetError
+    from model.data.subsets import fit_classes, open_evaluation_split
+    from model.evaluation import table
+    from release.evaluate import ClassMismatch
     from service.artifact import ArtifactError
 
     try:
-        dataset = open_dataset(args.data, args.split, images_dir=args.images)
-        metrics = evaluate_artifact(
-            args.model,
-            dataset,
-            batch_size=args.batch_size,
-            providers=args.providers.split(","),
-            progress=True,
+        dataset = open_evaluation_split(
+            args.data, args.split, val_fraction=args.val_fraction, seed=args.seed, images=args.images
         )
-    except (ArtifactError, ClassMismatch, DatasetError, FileNotFoundError) as exc:
+        model = _evaluated_model(args)
+        dataset, note = fit_classes(dataset, model.classes, model.name)
+        if note:
+            print(f"ssd evaluate: {note}", file=sys.stderr)
+        metrics = model.evaluate(dataset)
+    except (DatasetError, CheckpointError, ArtifactError, ClassMismatch, FileNotFoundError) as exc:
         print(f"ssd evaluate: {exc}", file=sys.stderr)
         return 2
+    for line in table(metrics):
+        print(line, file=sys.stderr)
     print(json.dumps(metrics))
     return 0
+
+
+def _evaluated_model(args: argparse.Namespace) -> SimpleNamespace:
+    """A checkpoint run by PyTorch, or an artifact run as the service runs it: its name, its
+    classes, and how it evaluates a dataset."""
+    if args.model:
+        from release.evaluate import evaluate_detector
+        from service.artifact import Detector
+
+        detector = Detector(args.model, args.providers.split(","))
+        return SimpleNamespace(
+            name=args.model,
+            classes=list(detector.info.classes),
+            evaluate=lambda dataset: evaluate_detector(detector, dataset, args.batch_size, progress=True),
+        )
+    import torch
+
+    from model.checkpoint import load_model
+    from model.inference import evaluate_model
+
+    network, checkpoint = load_model(args.checkpoint)
+    device = torch.device(args.device)
+    return SimpleNamespace(
+        name=args.checkpoint,
+        classes=list(checkpoint["classes"]),
+        evaluate=lambda dataset: evaluate_model(
+            network.to(device), dataset, batch_size=args.batch_size, workers=args.workers, device=device,
+            progress=True,
+        ),
+    )  # fmt: skip
 
 
 def _promote(args: argparse.Namespace) -> int:
@@ -177,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(run=_train, accepts_any=True)
 
     evaluate = sub.add_parser(
-        "evaluate", help="COCO and VOC07 mAP of a checkpoint or an artifact; prints one JSON object"
+        "evaluate",
+        help="COCO and VOC07 mAP of a checkpoint or an artifact: a table per class on stderr, one JSON "
+        "object on stdout",
     )
     what = evaluate.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help="a training checkpoint, run by PyTorch")
@@ -188,6 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="a VOC root, a COCO instances JSON or a YOLO data.yaml"
     )
     evaluate.add_argument("--split", default="val")
+    evaluate.add_argument(
+        "--val-fraction",
+        type=float,
+        default=None,
+        help="the images a training run held out of the data's one split with this --val-fraction "
+        "and --seed (ssd train's closing summary gives both)",
+    )
+    evaluate.add_argument("--seed", type=int, default=0, help="with --val-fraction: the run's seed")
     evaluate.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--workers", type=int, default=0)

@@ -27,8 +27,11 @@ The rules (figures in docs/benchmarks.md, "Training defaults on a small dataset"
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +39,16 @@ from typing import Any
 
 from .config import Recipe
 
+log = logging.getLogger("ssd.train")
+
+# The architecture when none is named: small data on a CPU is the usual first run.
+MODEL = "ssdlite320_mobilenet_v3_large"
+MODEL_WHY = (
+    "the smallest and fastest of the family (2.5M parameters, 3234 default boxes), a few minutes an "
+    "epoch for a few hundred images on a CPU, with ImageNet weights for its backbone; ssd300_vgg16 "
+    "or ssd512_vgg16 are more accurate where a GPU trains them"
+)
+VAL_FRACTION = 0.1  # held out for validation where the data has one split
 MIN_STEPS_PER_EPOCH = 100
 MAX_AUTO_BATCH, MIN_AUTO_BATCH = 32, 8
 WARMUP_FRACTION, MAX_WARMUP = 0.05, 1000
@@ -152,7 +165,14 @@ def fetch_imagenet(backbone: str) -> str:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
     try:
-        weights.get_state_dict(progress=False, check_hash=True)
+        log.info(
+            "fetching the ImageNet weights of %s (at most %g s without an answer)",
+            backbone,
+            DOWNLOAD_TIMEOUT_S,
+        )
+        # torch.hub writes its "Downloading: ..." to stdout, which is the run's summary's.
+        with contextlib.redirect_stdout(sys.stderr):
+            weights.get_state_dict(progress=False, check_hash=True)
     finally:
         socket.setdefaulttimeout(previous)
     return f"downloaded to {cached}"

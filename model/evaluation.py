@@ -9,7 +9,7 @@ training logs after each epoch::
      "map75": float,      # COCO AP@.75
      "voc07_map": float,  # Pascal VOC 2007 11-point AP@.5
      "per_class": {name: {"ap": float | None, "ap50": float | None, "voc07_ap": float | None,
-                          "num_gt": int}}}
+                          "num_gt": int, "num_detections": int}}}
 
 Conventions (read these before comparing numbers with another implementation):
 
@@ -49,7 +49,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-__all__ = ["COCO_MAX_DETECTIONS", "VOC_IOU_THRESHOLD", "evaluate"]
+__all__ = ["COCO_MAX_DETECTIONS", "VOC_IOU_THRESHOLD", "evaluate", "table"]
 
 VOC_IOU_THRESHOLD = 0.5
 COCO_MAX_DETECTIONS = 100  # the last of COCOeval's default maxDets (1, 10, 100)
@@ -92,7 +92,8 @@ def evaluate(
 
     Returns:
         ``{"map", "map50", "map75", "voc07_map": float, "per_class": {name: {"ap", "ap50",
-        "voc07_ap": float | None, "num_gt": int}}}``, plain Python values.
+        "voc07_ap": float | None, "num_gt": int, "num_detections": int}}}``, plain Python values
+        (``num_detections``: the detections of the class that were evaluated, every score).
 
     Raises:
         ValueError: the two sequences differ in length, a record is malformed, a label is out of
@@ -112,8 +113,10 @@ def evaluate(
     ]
 
     num_gt = np.zeros(len(names), dtype=np.int64)
+    num_detections = np.zeros(len(names), dtype=np.int64)
     for image in images:
         num_gt += np.bincount(image.gt_labels[~image.gt_ignored], minlength=len(names))
+        num_detections += np.bincount(image.labels, minlength=len(names))
     has_gt = num_gt > 0
 
     if has_gt.any():
@@ -132,6 +135,7 @@ def evaluate(
             "ap50": optional(coco_ap50[k], has_gt[k]),
             "voc07_ap": optional(voc_ap[k], has_gt[k]),
             "num_gt": int(num_gt[k]),
+            "num_detections": int(num_detections[k]),
         }
         for k, name in enumerate(names)
     }
@@ -142,6 +146,34 @@ def evaluate(
         "voc07_map": float(voc_ap[has_gt].mean()) if has_gt.any() else 0.0,
         "per_class": per_class,
     }
+
+
+def table(metrics: Mapping[str, Any]) -> list[str]:
+    """:func:`evaluate`'s result as a table a person reads: one row per class (AP, AP50, objects,
+    detections; "-" for a class with no objects to measure), then the means."""
+    rows = [
+        (
+            name,
+            "-" if entry["ap"] is None else f"{entry['ap']:.3f}",
+            "-" if entry["ap50"] is None else f"{entry['ap50']:.3f}",
+            str(entry["num_gt"]),
+            str(entry.get("num_detections", "")),
+        )
+        for name, entry in metrics["per_class"].items()
+    ]
+    header = ("class", "AP", "AP50", "objects", "detections")
+    rows.append(("all (mean)", f"{metrics['map']:.3f}", f"{metrics['map50']:.3f}", "", ""))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        return "  ".join(
+            cell.ljust(width) if i == 0 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * width for width in widths)
+    return [line(header), rule, *map(line, rows[:-1]), rule, line(rows[-1]),
+            f"VOC07 mAP {metrics['voc07_map']:.3f}; AP is COCO's AP@[.5:.95], AP50 at IoU 0.5"]  # fmt: skip
 
 
 def _as_array(value: Any, dtype: type) -> np.ndarray:

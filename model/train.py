@@ -47,7 +47,8 @@ from .checkpoint import (
     training_state,
 )
 from .config import Recipe
-from .data import DatasetError, DetectionDataset, open_dataset
+from .data import DatasetError, DetectionDataset
+from .data.subsets import TrainingSplits, open_training_splits, parse_classes
 from .data.summary import Summary
 from .inference import evaluate_model
 from .loss import MultiBoxLoss
@@ -63,8 +64,8 @@ log = logging.getLogger("ssd.train")
 class TrainConfig:
     """What ``ssd train`` takes; a None (or "auto") is resolved for the run by model/defaults.py."""
 
-    model: str
     data: str
+    model: str = defaults.MODEL
     out: str = "runs/train"
     epochs: int = 30
     batch_size: int | None = None  # per process; None: 32, less for a small dataset
@@ -82,8 +83,10 @@ class TrainConfig:
     freeze_backbone: bool = False
     backbone_weights: str = "auto"  # "auto", "recipe", "imagenet", "none" or a file
     scale_set: str | None = None
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str | None = None  # None: "train", or the data's only split
+    val_split: str | None = None  # None: "val", or a share held out of the training split
+    val_fraction: float = defaults.VAL_FRACTION  # held out where the data has no validation split
+    classes: str | None = None  # comma-separated: train on these classes only, in this order
     images: str | None = None  # COCO: the image folder, when not beside the JSON
     photometric: bool | None = None  # None: the recipe's
     zoom_out: bool | None = None
@@ -120,10 +123,6 @@ class Processes:
         return self.rank == 0
 
 
-def _is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def start_processes(config: TrainConfig) -> Processes:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) when there is one."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -144,10 +143,8 @@ def start_processes(config: TrainConfig) -> Processes:
     return Processes(device, distributed, world, rank, amp)
 
 
-def open_splits(
-    config: TrainConfig, spec: ModelSpec, log_summary: bool
-) -> tuple[DetectionDataset, DetectionDataset | None]:
-    """The training split (augmented) and the validation split (None when there is none)."""
+def open_splits(config: TrainConfig, spec: ModelSpec, log_summary: bool) -> TrainingSplits:
+    """The training split (augmented) and the validation split (None: validation is off)."""
     recipe = spec.recipe
     augment = train_transforms(
         spec.input_size,
@@ -155,18 +152,38 @@ def open_splits(
         zoom_out=recipe.zoom_out if config.zoom_out is None else config.zoom_out,
         fill=spec.image_mean,
     )
-    train_set = open_dataset(config.data, config.train_split, images_dir=config.images, transform=augment)
-    try:
-        val_set = open_dataset(config.data, config.val_split, images_dir=config.images)
-    except ValueError as exc:
-        log.warning("no validation split (%s): best.pt will follow last.pt", exc)
-        val_set = None
+    splits = open_training_splits(
+        config.data,
+        config.train_split,
+        config.val_split,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+        images=config.images,
+        classes=parse_classes(config.classes) if config.classes else None,
+        transform=augment,
+    )
     if log_summary:
-        for split, dataset in ((config.train_split, train_set), (config.val_split, val_set)):
-            if dataset is not None:
-                for line in Summary.of(dataset, f"{config.data} [{split}]").lines():
-                    log.info("%s", line)
-    return train_set, val_set
+        part = f"split {splits.train_split!r}" if splits.train_split else "its one split"
+        if splits.val_fraction:
+            part += ", less the share held out"
+        for line in Summary.of(splits.train, f"{config.data} [{part}]", "train").lines():
+            log.info("%s", line)
+        if splits.dropped:
+            shown = ", ".join(f"{name} {n}" for name, n in splits.dropped.most_common(5))
+            more = len(splits.dropped) - 5
+            log.info(
+                "  left out by --classes: %d objects of %d classes (%s%s)",
+                sum(splits.dropped.values()),
+                len(splits.dropped),
+                shown,
+                f", and {more} more classes" if more > 0 else "",
+            )
+        if splits.val is None:
+            log.warning("no validation (%s): best.pt will follow last.pt", splits.validation)
+        else:
+            for line in Summary.of(splits.val, f"validation: {splits.validation}", "val").lines():
+                log.info("%s", line)
+    return splits
 
 
 def _parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -270,7 +287,8 @@ def train(config: TrainConfig) -> Path:
     recipe = spec.recipe
 
     # ---- data, model and what the defaults become for them -----------------------------------
-    train_set, val_set = open_splits(config, spec, log_summary=procs.main)
+    splits = open_splits(config, spec, log_summary=procs.main)
+    train_set, val_set = splits.train, splits.val
     classes = train_set.classes
     restart, start = _checkpoints(config, run, classes)
     from_checkpoint = restart or start
@@ -323,15 +341,15 @@ def train(config: TrainConfig) -> Path:
     writer = None
     if procs.main:
         run.mkdir(parents=True, exist_ok=True)
-        _write_settings(
-            run / "config.yaml", config, plan, classes, world, weight_decay, schedule, train_set, val_set
-        )
+        _write_settings(run / "config.yaml", config, plan, world, weight_decay, schedule, splits)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(run / "tensorboard")
 
     # ---- the loop ----------------------------------------------------------------------------
     from tqdm import tqdm
+
+    run_started = time.perf_counter()
 
     for epoch in range(start_epoch, config.epochs):
         # Data order and worker seeds from (seed, epoch): the same after a resume.
@@ -465,6 +483,8 @@ def train(config: TrainConfig) -> Path:
     if procs.main:
         writer.close()
         _write_plot(history, run / "curves.png")
+        for line in closing_summary(config, run, history, splits, time.perf_counter() - run_started):
+            print(line)
     if procs.distributed:
         dist.destroy_process_group()
     return run
@@ -556,25 +576,36 @@ def _recompute_statistics(
         sampler=RandomSampler(train_set, generator=sample),
         generator=sample,
     )
-    recompute_batch_norm(model, (images.to(device) for images, *_ in itertools.islice(loader, batches)))
+    from tqdm import tqdm
+
+    # Augmenting and running 256 images takes a minute on a CPU: a bar once it has lasted 5 s.
+    chosen = tqdm(
+        itertools.islice(loader, batches),
+        total=min(batches, len(loader)),
+        desc="batch-norm statistics",
+        unit="batch",
+        file=sys.stderr,
+        delay=5.0,
+        leave=False,
+    )
+    recompute_batch_norm(model, (images.to(device) for images, *_ in chosen))
 
 
 def _write_settings(
     path: Path,
     config: TrainConfig,
     plan: defaults.Plan,
-    classes: list[str],
     world: int,
     weight_decay: float,
     schedule: str,
-    train_set: DetectionDataset,
-    val_set: DetectionDataset | None,
+    splits: TrainingSplits,
 ) -> None:
     """config.yaml: the options as given, then what each default became (``*_effective``)."""
     import yaml
 
     settings = dataclasses.asdict(config) | {
-        "classes": classes,
+        "classes": splits.train.classes,
+        "classes_given": config.classes,
         "world_size": world,
         "batch_size_effective": plan.batch_size.value,
         "lr_effective": plan.lr.value,
@@ -592,21 +623,91 @@ def _write_settings(
             "precise_bn": plan.precise_bn.why,
             "backbone_weights": plan.backbone_weights.why,
         },
-        "train_images": len(train_set),
-        "val_images": len(val_set) if val_set else 0,
+        "train_split_effective": splits.train_split,
+        "validation": splits.validation,
+        "val_fraction_effective": splits.val_fraction,
+        "objects_left_out": dict(splits.dropped),
+        "train_images": len(splits.train),
+        "val_images": len(splits.val) if splits.val else 0,
         "torch": str(torch.__version__),
     }
     path.write_text(yaml.safe_dump(settings, sort_keys=False))
 
 
+def closing_summary(
+    config: TrainConfig, run: Path, history: list[dict[str, Any]], splits: TrainingSplits, seconds: float
+) -> list[str]:
+    """What ``ssd train`` says last: the best epoch and its figures, where the checkpoints are,
+    and the two commands to run next, written out for this run."""
+    validated = [r for r in history if "val" in r]
+    lines = [f"ssd train: done in {_duration(seconds)}; run folder {run}"]
+    if validated:
+        best = max(validated, key=lambda r: r["val"]["map"])
+        on = (
+            splits.validation
+            if splits.val_fraction
+            else f"{splits.validation}, {len(splits.val or [])} images"
+        )
+        lines.append(
+            f"  best epoch {best['epoch']} of {history[-1]['epoch']}: mAP@0.5 {best['val']['map50']:.3f}, "
+            f"mAP {best['val']['map']:.3f} on {on}"
+        )
+    else:
+        lines.append(f"  no validation ({splits.validation}): best.pt is the last epoch's")
+    lines.append(f"  checkpoints: {run / 'best.pt'} (best), {run / 'last.pt'} (last; --resume continues it)")
+    if splits.dropped:
+        lines.append(
+            f"  classes: {', '.join(splits.train.classes)}; {sum(splits.dropped.values())} objects of "
+            "other classes left out"
+        )
+    artifact = run / "model.onnx"
+    evaluate = ["ssd evaluate", f"--model {artifact}", f"--data {config.data}"]
+    if splits.val_fraction:
+        evaluate.append(f"--val-fraction {splits.val_fraction:g} --seed {config.seed}")
+    elif splits.val is not None and config.val_split:
+        evaluate.append(f"--split {config.val_split}")
+    if config.images:
+        evaluate.append(f"--images {config.images}")
+    lines += [
+        "next:",
+        f"  ssd export --checkpoint {run / 'best.pt'} --out {artifact}",
+        "  " + " ".join(evaluate),
+    ]
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (
+        f"{hours} h {minutes} min" if hours else f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+    )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``ssd train`` (and of ``python -m model.train`` under torchrun)."""
-    base = TrainConfig(model="", data="")
-    parser.add_argument("--model", required=True, choices=list(MODELS))
+    base = TrainConfig(data="")
+    parser.add_argument(
+        "--model",
+        default=base.model,
+        choices=list(MODELS),
+        help=f"default {base.model}: {defaults.MODEL_WHY}",
+    )
     parser.add_argument("--data", required=True, help="a VOC root, a COCO instances JSON or a YOLO data.yaml")
+    parser.add_argument(
+        "--classes",
+        default=None,
+        metavar="A,B,C",
+        help="train on these classes only, numbered in this order; objects of the others are left out "
+        "(and counted in the summary)",
+    )
     parser.add_argument("--epochs", type=int, default=base.epochs)
     parser.add_argument(
-        "--batch-size", type=int, default=None, help="per process (default 32, less for a small dataset)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"per process (default {defaults.MAX_AUTO_BATCH}, halved down to {defaults.MIN_AUTO_BATCH} "
+        f"while an epoch would have fewer than {defaults.MIN_STEPS_PER_EPOCH} steps)",
     )
     parser.add_argument(
         "--lr", type=float, default=None, help="default: the recipe's, scaled to the global batch"
@@ -617,8 +718,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--precise-bn",
         type=int,
         default=None,
-        help="recompute batch-norm statistics on N batches before validating (default 16 where "
-        "the model has batch norm; 0: off)",
+        help="recompute batch-norm statistics on N batches before validating (default: as many as "
+        f"make {defaults.PRECISE_BN_IMAGES} images, where the model has batch norm; 0: off)",
     )
     parser.add_argument(
         "--stop-after",
@@ -642,22 +743,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=None)
     parser.add_argument("--schedule", choices=["cosine", "multistep"], default=None)
     parser.add_argument(
-        "--warmup-iters", type=int, default=None, help="default 5%% of the run's steps, at most 1000"
+        "--warmup-iters",
+        type=int,
+        default=None,
+        # argparse formats help with %: the percent sign doubled.
+        help=f"default {defaults.WARMUP_FRACTION * 100:g}%% of the run's steps, "
+        f"at most {defaults.MAX_WARMUP}",
     )
     parser.add_argument("--freeze-backbone", action="store_true", help="do not train the base network")
     parser.add_argument(
         "--backbone-weights",
         default="auto",
-        help="auto (default: ImageNet for a set under 10,000 images where reachable, else the "
-        "recipe's), recipe, imagenet, none, or a state-dict file",
+        help=f"auto (default: ImageNet for a set under {defaults.PRETRAINED_BELOW:,} images where "
+        "reachable, else the recipe's), recipe, imagenet, none, or a state-dict file",
     )
     parser.add_argument(
         "--scale-set",
         default=None,
         help="default box sizes: the model's first set (default), voc, small (see ssd models)",
     )
-    parser.add_argument("--train-split", default=base.train_split)
-    parser.add_argument("--val-split", default=base.val_split)
+    parser.add_argument(
+        "--train-split", default=None, help="default: train, or the data's only split where it has one"
+    )
+    parser.add_argument(
+        "--val-split",
+        default=None,
+        help="default: val where the data has it; else a share of the training split is held out",
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=base.val_fraction,
+        help=f"the share of the training split held out for validation where the data has no "
+        f"validation split (default {base.val_fraction:g}; chosen by --seed, recorded in config.yaml; "
+        "0: no validation)",
+    )
     parser.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
     parser.add_argument("--no-photometric", dest="photometric", action="store_false", default=None)
     parser.add_argument("--no-zoom-out", dest="zoom_out", action="store_false", default=None)
@@ -666,7 +786,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields and v is not None}
-    values["out"] = args.out or f"runs/{args.model}"
+    values["out"] = args.out or f"runs/{values.get('model', defaults.MODEL)}"
     return TrainConfig(**values)
 
 
@@ -676,7 +796,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        run = train(config_from_args(args))
+        train(config_from_args(args))
     except TrainingDiverged as exc:
         print(f"ssd train: {exc}", file=sys.stderr)
         return 1
@@ -684,8 +804,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TrainError, DatasetError, CheckpointError, WeightsError, FileNotFoundError) as exc:
         print(f"ssd train: {exc}", file=sys.stderr)
         return 2
-    if _is_main():
-        print(f"ssd train: done; run folder {run}")
     return 0
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from model.data import DatasetError, DetectionDataset
+from model.data.subsets import class_difference
 from model.evaluation import evaluate
 from model.inference import ground_truth
 from service.artifact import Detector
@@ -37,7 +38,8 @@ class ClassMismatch(ValueError):
 def check_classes(detector: Detector, dataset: DetectionDataset) -> None:
     if list(detector.info.classes) != list(dataset.classes):
         raise ClassMismatch(
-            f"{detector.info.path} detects {detector.info.classes}, the dataset has {dataset.classes}"
+            f"{detector.info.path} and the dataset name other classes: "
+            + class_difference(detector.info.classes, dataset.classes, str(detector.info.path), "the dataset")
         )
 
 

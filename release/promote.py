@@ -85,6 +85,8 @@ def decide(
 ) -> Decision:
     """Evaluate and compare; replaces ``served`` when the decision is to promote. Raises
     ArtifactError when the candidate is not a loadable artifact."""
+    from model.data import DatasetError
+    from model.data.subsets import class_difference, fit_classes
     from service.artifact import ArtifactError, Detector
 
     from .evaluate import evaluate_detector
@@ -97,23 +99,33 @@ def decide(
         return Decision(True, reason, metric, new, old)
 
     new = Detector(candidate)
-    if list(new.info.classes) != list(dataset.classes):
-        reason = f"the candidate detects {new.info.classes}, the data has {dataset.classes}"
+    # Classes first: a candidate that cannot replace the served model is refused before a
+    # minute of evaluation.
+    try:  # a candidate of some of the data's classes (ssd train --classes) is scored on those
+        dataset, note = fit_classes(dataset, new.info.classes, "the candidate")
+    except DatasetError as exc:
         if not force:
-            return Decision(False, f"{reason}; {served} kept (--force replaces it)", metric, None, None)
-        return promoted(f"{reason}; replaced (--force)", None)
+            return Decision(False, f"{exc}; {served} kept (--force replaces it)", metric, None, None)
+        return promoted(f"{exc}; replaced (--force)", None)
+    if note:
+        print(f"ssd promote: {note}", file=sys.stderr)
+    old: Detector | None = None
+    broken = None
+    if served.exists():
+        try:
+            old = Detector(served)
+        except ArtifactError as exc:  # a broken served file serves nothing: anything loadable is better
+            broken = exc
+    if old is not None and list(old.info.classes) != list(new.info.classes):
+        difference = class_difference(new.info.classes, old.info.classes, "the candidate", "the served model")
+        if not force:
+            return Decision(False, f"{difference}; {served} kept (--force replaces it)", metric, None, None)
+        return promoted(f"{difference}; replaced (--force)", None)
     new_score = score(new)
     if not served.exists():
         return promoted(f"nothing was served at {served}: installed", new_score)
-    try:
-        old = Detector(served)
-    except ArtifactError as exc:  # a broken served file serves nothing: anything loadable is better
-        return promoted(f"the served file is not a loadable artifact ({exc}): replaced", new_score)
-    if list(old.info.classes) != list(new.info.classes):
-        reason = f"the candidate detects {new.info.classes}, the served model {old.info.classes}"
-        if not force:
-            return Decision(False, f"{reason}; {served} kept (--force replaces it)", metric, new_score, None)
-        return promoted(f"{reason}; replaced (--force)", new_score)
+    if old is None:
+        return promoted(f"the served file is not a loadable artifact ({broken}): replaced", new_score)
     old_score = score(old)
     compared = f"{metric} {new_score:.4f} against the served {old_score:.4f} (min delta {min_delta:g})"
     if new_score >= old_score - min_delta:

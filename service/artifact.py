@@ -34,6 +34,26 @@ PROVIDER_NAMES = {
 }
 
 
+# What the file people most often take for an artifact starts with: torch.save's zip archive (or
+# its older pickle). An ONNX model is a protobuf whose first byte is a field tag (0x08).
+_NOT_ONNX = (
+    (b"PK\x03\x04", "a PyTorch checkpoint (a zip archive, as torch.save writes)"),
+    (b"\x80\x02", "a PyTorch checkpoint (a pickle)"),
+)
+
+
+def not_an_artifact(path: Path, data: bytes) -> str | None:
+    """Why ``data`` is plainly not an ONNX artifact, naming what it is and the way to one; None
+    when it may be one (ONNX Runtime then says whether it is)."""
+    for magic, what in _NOT_ONNX:
+        if data.startswith(magic):
+            return (
+                f"{path} is {what}, not an ONNX model artifact: export it first "
+                f"(ssd export --checkpoint {path} --out MODEL.onnx)"
+            )
+    return None
+
+
 class ArtifactError(RuntimeError):
     """The file is missing, unreadable, or not a detector artifact of ours."""
 
@@ -205,6 +225,9 @@ class Detector:
         data = path.read_bytes()
         if not data:
             raise ArtifactError(f"model artifact {path} is empty")
+        refusal = not_an_artifact(path, data)
+        if refusal:
+            raise ArtifactError(refusal)
         started = time.perf_counter()
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -76,7 +76,9 @@ def test_ground_truth_as_predictions_scores_one(scoring):
         assert (entry["ap"], entry["ap50"], entry["voc07_ap"]) == (1.0, 1.0, 1.0)
         assert entry["num_gt"] == sum(int((r["labels"] == "abc".index(name)).sum()) for r in records) > 0
     # A class without ground truth has no AP and stays out of the means.
-    assert result["per_class"]["unused"] == {"ap": None, "ap50": None, "voc07_ap": None, "num_gt": 0}
+    assert result["per_class"]["unused"] == {
+        "ap": None, "ap50": None, "voc07_ap": None, "num_gt": 0, "num_detections": 0
+    }  # fmt: skip
 
 
 def hand_case():
@@ -148,7 +150,10 @@ def test_ignored_ground_truth(flag):
 
     # A detection on the ignored box, even the best-scored one, changes nothing.
     on_ignored = pred([[101, 101, 150, 150], *boxes[:2]], [0.95, 0.9, 0.8], [0, 0, 0])
-    assert evaluate(ground_truth, [on_ignored], ["x"]) == result
+    with_it = evaluate(ground_truth, [on_ignored], ["x"])
+    assert with_it["per_class"]["x"].pop("num_detections") == 3  # counted, but scored as nothing
+    result["per_class"]["x"].pop("num_detections")
+    assert with_it == result
 
     # An ignored box identical to a regular one does not take the regular one's detection.
     twins = [gt([[0, 0, 10, 10], [0, 0, 10, 10]], [0, 0], **{flag: np.array([True, False])})]
@@ -164,7 +169,9 @@ def test_class_with_only_ignored_boxes_has_no_ap():
     ground_truth = [gt([[0, 0, 10, 10], [20, 20, 40, 40]], [0, 1], crowd=[False, True])]
     predictions = [pred([[0, 0, 10, 10], [20, 20, 40, 40]], [0.9, 0.9], [0, 1])]
     result = evaluate(ground_truth, predictions, ["a", "b"])
-    assert result["per_class"]["b"] == {"ap": None, "ap50": None, "voc07_ap": None, "num_gt": 0}
+    assert result["per_class"]["b"] == {
+        "ap": None, "ap50": None, "voc07_ap": None, "num_gt": 0, "num_detections": 1
+    }  # fmt: skip
     # pycocotools' precision is tp / (tp + fp + eps): one lone true positive scores 1 - 2e-16.
     assert result["map"] == pytest.approx(1.0, abs=1e-12) and result["voc07_map"] == 1.0
 
@@ -221,7 +228,9 @@ def test_empty_inputs():
     result = evaluate([], [], ["a", "b"])
     assert_json_clean(result)
     assert (result["map"], result["map50"], result["map75"], result["voc07_map"]) == (0.0, 0.0, 0.0, 0.0)
-    assert result["per_class"]["a"] == {"ap": None, "ap50": None, "voc07_ap": None, "num_gt": 0}
+    assert result["per_class"]["a"] == {
+        "ap": None, "ap50": None, "voc07_ap": None, "num_gt": 0, "num_detections": 0
+    }  # fmt: skip
     # Predictions but no ground truth anywhere: still nothing to measure, and no crash.
     result = evaluate([gt(np.zeros((0, 4)), [])], [pred([[0, 0, 1, 1]], [0.5], [1])], ["a", "b"])
     assert result["map"] == 0.0 and result["per_class"]["b"]["ap"] is None

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Literal
 
 from .base import Annotation, DatasetError, DetectionDataset, Transform
-from .coco import find_coco_files, load_coco
-from .voc import load_voc
-from .yolo import find_yaml, load_yolo
+from .coco import coco_splits, find_coco_files, load_coco
+from .voc import load_voc, voc_splits
+from .yolo import find_yaml, load_yolo, yolo_splits
 
 Format = Literal["voc", "coco", "yolo"]
 
@@ -48,6 +48,16 @@ def detect_format(path: Path | str) -> Format:
     raise DatasetError(f"{path}: not a dataset; expected {LAYOUTS}")
 
 
+def splits(path: Path | str) -> list[str]:
+    """The split names the dataset at ``path`` has on disk, sorted; "" stands for data that is
+    named for no split (a COCO file such as Label Studio's ``result.json``), which opens under
+    any split name."""
+    fmt = detect_format(path)
+    if fmt == "coco":
+        return coco_splits(path)
+    return voc_splits(path) if fmt == "voc" else yolo_splits(path)
+
+
 def open_dataset(
     path: Path | str,
     split: str = "train",
@@ -69,4 +79,4 @@ def open_dataset(
     return load_yolo(path, split, transform)
 
 
-__all__ = ["Annotation", "DatasetError", "DetectionDataset", "detect_format", "open_dataset"]
+__all__ = ["Annotation", "DatasetError", "DetectionDataset", "detect_format", "open_dataset", "splits"]

@@ -69,17 +69,21 @@ def resolve_coco_json(path: Path, split: str) -> Path:
     """
     if path.is_dir():
         files = find_coco_files(path)
-        chosen = [p for p in files if (m := _split_word(p.stem)) and m.group().lower() == split]
-        if not chosen:
-            raise DatasetError(
-                f"{path}: no COCO instances file for split {split!r}; found: "
-                f"{', '.join(p.name for p in files) if files else 'none'}"
-            )
-        return chosen[0]
+        chosen = [p for p in files if _split_of(p) == split]
+        if chosen:
+            return chosen[0]
+        if len(files) == 1 and _split_of(files[0]) == "":
+            return files[0]  # one file named for no split (Label Studio's result.json): the data
+        named = [f"{_split_of(p)} ({p.name})" for p in files if _split_of(p)]
+        raise DatasetError(
+            f"{path}: no COCO instances file for split {split!r}; splits here: "
+            f"{', '.join(named) if named else 'none'}"
+            + (f"; ask for one of them (ssd evaluate --split {_split_of(files[0])})" if named else "")
+        )
     match = _split_word(path.name)
     if match is None or match.group().lower() == split:
         return path
-    sibling = path.with_name(path.name[: match.start()] + split + path.name[match.end() :])
+    sibling = resolve_sibling(path, split)
     if not sibling.is_file():
         raise DatasetError(
             f"{path}: split {split!r} asked for, but {sibling.name} is not beside it. To train and "
@@ -87,6 +91,31 @@ def resolve_coco_json(path: Path, split: str) -> Path:
             f"{match.group().lower()} --val-split {match.group().lower()}"
         )
     return sibling
+
+
+def _split_of(path: Path) -> str:
+    """The split a file is named for (``val`` for ``instances_val2017.json``), "" for none."""
+    match = _split_word(path.stem)
+    return match.group().lower() if match else ""
+
+
+def coco_splits(path: Path | str) -> list[str]:
+    """The splits of a COCO file or folder: the split words of its instances files (a file's
+    siblings included), "" for one named for no split."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted({_split_of(p) for p in find_coco_files(path)})
+    own = _split_of(path)
+    if not own:
+        return [""]
+    return sorted({own} | {s for s in SPLIT_WORDS if s != own and resolve_sibling(path, s).is_file()})
+
+
+def resolve_sibling(path: Path, split: str) -> Path:
+    """``instances_train2017.json`` -> ``instances_val2017.json`` for ``val``."""
+    match = _split_word(path.name)
+    assert match is not None
+    return path.with_name(path.name[: match.start()] + split + path.name[match.end() :])
 
 
 def _split_folder(json_path: Path) -> str:

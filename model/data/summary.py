@@ -33,9 +33,10 @@ class Summary:
     sizes: dict[str, int]
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    purpose: str = "train"  # what the split is for: "train" or "val"
 
     @classmethod
-    def of(cls, dataset: DetectionDataset, name: str) -> Summary:
+    def of(cls, dataset: DetectionDataset, name: str, purpose: str = "train") -> Summary:
         per_class: Counter[int] = Counter()
         sizes: Counter[str] = Counter()
         without = 0
@@ -57,6 +58,7 @@ class Summary:
             sizes={label: sizes.get(label, 0) for label, _ in SIZE_BUCKETS},
             skipped=list(dataset.skipped),
             notes=list(dataset.notes),
+            purpose=purpose,
         )
 
     def lines(self, max_skipped: int = 20) -> list[str]:
@@ -67,8 +69,10 @@ class Summary:
             f"{total} objects in {len(self.objects)} classes"
         ]
         width = max(len(c) for c in self.objects) if self.objects else 0
+        # A class without objects: not learnt from a training split, not measured on a validation one.
+        missing = "cannot be learnt from" if self.purpose == "train" else "cannot be evaluated on"
         for name, count in self.objects.items():
-            warning = "  <- no objects: this class cannot be learnt from this split" if count == 0 else ""
+            warning = f"  <- no objects: this class {missing} this split" if count == 0 else ""
             lines.append(f"  {name:<{width}}  {count:>7}{warning}")
         if total:
             shares = ", ".join(f"{label} {count / total:.0%}" for label, count in self.sizes.items())

@@ -72,6 +72,11 @@ def voc_classes(root: Path) -> list[str]:
     return list(VOC_CLASSES)
 
 
+def voc_splits(root: Path | str) -> list[str]:
+    """The split names of a VOC root (``ImageSets/Main/{split}.txt``)."""
+    return _splits(Path(root), voc_classes(Path(root)))
+
+
 def _splits(root: Path, classes: Sequence[str]) -> list[str]:
     """The split names under ImageSets/Main, leaving out VOC's per-class ``{class}_{split}.txt``."""
     folder = root / "ImageSets" / "Main"

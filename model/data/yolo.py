@@ -133,6 +133,16 @@ def parse_label_file(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarr
     return np.asarray(labels, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4)
 
 
+def yolo_splits(path: Path | str) -> list[str]:
+    """The splits a YOLO dataset's yaml names (``train``, ``val``, ``test``)."""
+    yaml_path = find_yaml(Path(path))
+    try:
+        config = yaml.safe_load(yaml_path.read_text()) if yaml_path else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return []  # load_yolo says what is wrong with it
+    return [s for s in SPLITS if isinstance(config, dict) and config.get(s)]
+
+
 def load_yolo(path: Path | str, split: str = "train", transform: Transform | None = None) -> DetectionDataset:
     """The images of ``split`` in a YOLO dataset (``path``: the yaml file or the folder holding
     it); every label file is parsed and every image header read now."""
