@@ -58,6 +58,7 @@ from .transforms import collate, train_transforms
 from .weights import WeightsError
 
 log = logging.getLogger("ssd.train")
+PROGRESS_AFTER_S = 5.0  # a phase that lasts longer shows a progress bar (tqdm's delay)
 
 
 @dataclass
@@ -578,14 +579,14 @@ def _recompute_statistics(
     )
     from tqdm import tqdm
 
-    # Augmenting and running 256 images takes a minute on a CPU: a bar once it has lasted 5 s.
+    # Augmenting and running 256 images takes a minute on a CPU: a bar once it has lasted a while.
     chosen = tqdm(
         itertools.islice(loader, batches),
         total=min(batches, len(loader)),
         desc="batch-norm statistics",
         unit="batch",
         file=sys.stderr,
-        delay=5.0,
+        delay=PROGRESS_AFTER_S,
         leave=False,
     )
     recompute_batch_norm(model, (images.to(device) for images, *_ in chosen))

@@ -245,3 +245,25 @@ def test_predict_given_a_checkpoint_says_to_export_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert "is a PyTorch checkpoint" in err and f"ssd export --checkpoint {checkpoint}" in err
+
+
+def test_the_batch_norm_recompute_shows_progress(one_split, monkeypatch, capsys):
+    """The phase after each epoch's bar that took a minute in silence has a bar of its own (shown
+    once it has lasted PROGRESS_AFTER_S; here at once)."""
+    import torch
+
+    from model.build import build_model
+
+    monkeypatch.setattr(training, "PROGRESS_AFTER_S", 0.0)
+    config = training.TrainConfig(data=str(one_split), workers=0)
+    dataset = open_dataset(one_split)
+    model = build_model("ssdlite320_mobilenet_v3_large", len(dataset.classes) + 1)
+    from model.registry import MODELS
+    from model.transforms import train_transforms
+
+    spec = MODELS["ssdlite320_mobilenet_v3_large"]
+    dataset.transform = train_transforms(
+        spec.input_size, photometric=False, zoom_out=False, fill=spec.image_mean
+    )
+    training._recompute_statistics(model, dataset, 4, 2, config, 0, torch.device("cpu"))
+    assert "batch-norm statistics" in capsys.readouterr().err
