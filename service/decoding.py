@@ -20,10 +20,11 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .images import Decoded, ImageTooLarge, Opened, finish, open_image
+from .images import Decoded, ImageTooLarge, Opened, Rect, finish, open_image, oriented_size, tile_cost
 from .memory import release_free_memory
 from .metrics import Metrics
 from .threadnames import DECODE, name_this_thread
@@ -171,21 +172,32 @@ class Decoder:
         refusals it refused every request, for good (64 clients retrying each 503 at once)."""
         return self._work_s * (1 + self._in_flight // self.threads)
 
-    async def decode(self, data: bytes, input_size: tuple[int, int]) -> Decoded:
-        """Encoded bytes -> pixels at ``input_size``. Raises images.ImageError (4xx)."""
+    async def decode(self, data: bytes, input_size: tuple[int, int], rects: Sequence[Rect] = ()) -> Decoded:
+        """Encoded bytes -> pixels at ``input_size``, and each tile of ``rects`` (cut from the
+        image at full resolution) at it too. Raises images.ImageError (4xx)."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         self._in_flight += 1
         try:
-            return await self._decode(loop, data, input_size)
+            return await self._decode(loop, data, input_size, tuple(rects))
         finally:
             self._in_flight -= 1
             self.metrics.preprocess.observe(time.perf_counter() - started)
 
+    async def size(self, data: bytes) -> tuple[int, int]:
+        """The image's size after EXIF orientation, from its header (in a decode thread). Raises
+        images.ImageError (4xx), as decoding it would."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, oriented_size, data, self.max_pixels)
+
     async def _decode(
-        self, loop: asyncio.AbstractEventLoop, data: bytes, input_size: tuple[int, int]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        data: bytes,
+        input_size: tuple[int, int],
+        rects: tuple[Rect, ...],
     ) -> Decoded:
-        trip = await loop.run_in_executor(self.pool, self._whole, data, input_size)
+        trip = await loop.run_in_executor(self.pool, self._whole, data, input_size, rects)
         if trip.decoded is not None:
             self._learn(trip.seconds)
             return trip.decoded
@@ -205,7 +217,7 @@ class Decoder:
             raise
         # Released in the thread when decoding really ends: a request that gives up cannot free
         # memory a thread still uses.
-        rest = await loop.run_in_executor(self.pool, self._finish, opened, input_size, granted)
+        rest = await loop.run_in_executor(self.pool, self._finish, opened, input_size, granted, rects)
         self._learn(trip.seconds + rest.seconds)
         assert rest.decoded is not None
         return rest.decoded
@@ -213,22 +225,29 @@ class Decoder:
     def _learn(self, seconds: float) -> None:
         self._work_s = 0.9 * self._work_s + 0.1 * seconds
 
-    def _whole(self, data: bytes, input_size: tuple[int, int]) -> _Trip:
-        """In a decode thread: the header, then the pixels too where the budget has room now."""
+    def _whole(self, data: bytes, input_size: tuple[int, int], rects: tuple[Rect, ...]) -> _Trip:
+        """In a decode thread: the header, then the pixels too where the budget has room now.
+        A tiled image is read at full resolution (no JPEG draft), and costs its tiles too."""
         started = time.perf_counter()
-        opened = open_image(data, input_size, self.max_pixels)
+        opened = open_image(data, input_size, self.max_pixels, draft=not rects)
+        opened.cost += tile_cost(rects, input_size)
         granted = self.budget.try_take(opened.cost) if opened.cost <= self.budget.total else None
         if granted is None:
             return _Trip(time.perf_counter() - started, opened=opened)
-        return self._finish(opened, input_size, granted, started)
+        return self._finish(opened, input_size, granted, rects, started)
 
     def _finish(
-        self, opened: Opened, input_size: tuple[int, int], granted: int, started: float | None = None
+        self,
+        opened: Opened,
+        input_size: tuple[int, int],
+        granted: int,
+        rects: tuple[Rect, ...] = (),
+        started: float | None = None,
     ) -> _Trip:
         """In a decode thread: the pixels of ``opened``, its ``granted`` bytes released after."""
         started = time.perf_counter() if started is None else started
         try:
-            decoded = finish(opened, input_size, self.max_pixels)
+            decoded = finish(opened, input_size, self.max_pixels, rects)
         finally:
             if opened.cost > TRIM_ABOVE:
                 release_free_memory()

@@ -28,6 +28,7 @@ from .door import Head
 from .endpoints import Endpoint
 from .errors import APIError
 from .pipeline import Call, Query
+from .tiling import Tiling
 from .uploads import Body, Limits, read_uploads, until_disconnect
 
 PATH = "/detect"
@@ -71,6 +72,8 @@ class Params:
     timeout_ms: float | None = None
     model: str | None = None
     version: str | None = None
+    tile: str | None = None
+    tile_overlap: float | None = None
 
     @classmethod
     def parse(cls, scope: Scope) -> Params:
@@ -93,6 +96,8 @@ class Params:
             _number(query, "timeout_ms"),
             model,
             version,
+            query.get("tile"),
+            _number(query, "tile_overlap"),
         )
 
 
@@ -135,14 +140,20 @@ async def handle(request: Request, call: Call, head: Head) -> Response:
     query = Query.parse(
         call.info, settings.score_threshold, params.score_threshold, params.max_detections, wanted
     )
+    tiling = Tiling.parse(params.tile, params.tile_overlap, settings.tile, settings.tile_overlap)
     due = call.set_deadline(params.timeout_ms)
     call.bytes = call.bytes or call.state.budget.reservation()
     uploads = await read_uploads(request, Limits.of(settings), Body(call.bytes, due))
     found = await call.run(
-        [u.data for u in uploads], [u.filename for u in uploads], lambda: until_disconnect(request)
+        [u.data for u in uploads],
+        [u.filename for u in uploads],
+        lambda: until_disconnect(request),
+        tiling,
+        query.threshold,
     )
     results = [
         {"filename": u.filename, "width": f.width, "height": f.height, "detections": f.json(query)}
+        | ({"tiles": [list(r) for r in f.tiles]} if tiling is not None else {})
         for u, f in zip(uploads, found, strict=True)
     ]
     call.answered([len(r["detections"]) for r in results])
@@ -165,6 +176,18 @@ async def declaration(
     ] = None,
     model: ModelQuery = None,
     version: VersionQuery = None,
+    tile: Annotated[
+        str | None,
+        Param(
+            pattern=r"^(?i:off|auto|\d{1,5}x\d{1,5})$",
+            description="tiled inference: auto (tiles of the model's input size), off, or WIDTHxHEIGHT "
+            "(default SSD_TILE)",
+        ),
+    ] = None,
+    tile_overlap: Annotated[
+        float | None,
+        Param(ge=0.0, lt=1.0, description="the tiles' overlap, a share of a tile (default SSD_TILE_OVERLAP)"),
+    ] = None,
 ) -> None:
     """Detect objects in one image (the body) or several (multipart/form-data, parts named
     ``file``).

@@ -23,13 +23,15 @@ import functools
 import io
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .formats import ACCEPTED_TEXT, accepted_format, decoder_name, known_format
+
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the oriented image
 
 # EXIF orientations that swap width and height (rotations by 90 or 270 degrees).
 _TRANSPOSING = {5, 6, 7, 8}
@@ -77,6 +79,8 @@ class Decoded:
     pixels: np.ndarray  # uint8 [H, W, 3] at the model's input size
     width: int  # of the original image, after EXIF orientation
     height: int
+    tiles: np.ndarray | None = None  # uint8 [T, H, W, 3]: the tiles asked for, each at the input size
+    rects: tuple[tuple[int, int, int, int], ...] = ()  # each tile's x0, y0, x1, y1 in the image
 
 
 @dataclass
@@ -301,8 +305,9 @@ def _cost(
 # --- The two steps ------------------------------------------------------------------------------
 
 
-def open_image(data: bytes, input_size: tuple[int, int], max_pixels: int) -> Opened:
-    """Read and check the header of ``data``; no pixel is decoded. Raises ImageError."""
+def open_image(data: bytes, input_size: tuple[int, int], max_pixels: int, draft: bool = True) -> Opened:
+    """Read and check the header of ``data``; no pixel is decoded. Raises ImageError. ``draft``
+    False keeps a JPEG at full resolution (tiles are cut from it)."""
     fmt = sniff(data)
     if fmt == "WEBP":
         size = _webp_size(data)
@@ -332,7 +337,7 @@ def open_image(data: bytes, input_size: tuple[int, int], max_pixels: int) -> Ope
             shown = (width, height)  # Pillow reports the size after orientation already
         else:
             shown = (height, width) if orientation in _TRANSPOSING else (width, height)
-        if image.format in ("JPEG", "MPO"):
+        if draft and image.format in ("JPEG", "MPO"):
             # draft() keeps the image at least this large; ask in the file's own orientation.
             want = (target_h, target_w) if orientation in _TRANSPOSING else (target_w, target_h)
             image.draft("RGB", want)
@@ -343,33 +348,87 @@ def open_image(data: bytes, input_size: tuple[int, int], max_pixels: int) -> Ope
         raise
 
 
-def finish(opened: Opened, input_size: tuple[int, int], max_pixels: int) -> Decoded:
-    """Decode the pixels of ``opened`` into the model input. Raises ImageError. Closes the image."""
+def finish(
+    opened: Opened, input_size: tuple[int, int], max_pixels: int, rects: Sequence[Rect] = ()
+) -> Decoded:
+    """Decode the pixels of ``opened`` into the model input, and each tile of ``rects`` (in the
+    oriented image's pixels) into one more. Raises ImageError. Closes the image."""
     image, fmt = opened.image, opened.format
     try:
-        try:
-            image.load()  # the current frame only: the first, as nothing has seeked
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise _bomb(exc, max_pixels) from exc
-        except Exception as exc:  # truncated data, bad chunks, decoder errors
-            raise ImageError(f"the {fmt} image is corrupt or truncated: {exc}") from exc
-        _check_loaded(image, opened.declared, max_pixels)
-        orientation, width, height = opened.orientation, opened.width, opened.height
-        if fmt == "PNG" and "exif" in image.info:
-            late = _png_orientation(image.info["exif"])  # an eXIf chunk after the pixels
-            if late not in (None, orientation):
-                if (late in _TRANSPOSING) != (orientation in _TRANSPOSING):
-                    width, height = height, width
-                orientation = late
-        if _orients_itself(fmt):
-            orientation = 1  # applied by Pillow while loading
+        orientation, width, height = _load(opened, max_pixels)
         try:
             pixels = _model_input(image, orientation, input_size)
+            tiles = _tiles(image, orientation, input_size, rects, width, height) if rects else None
         except Exception as exc:  # a mode that cannot become RGB (LAB, ...)
             raise ImageError(f"the {fmt} image ({image.mode}) cannot be converted to RGB: {exc}") from exc
     finally:
         image.close()
-    return Decoded(pixels, width, height)
+    return Decoded(pixels, width, height, tiles, tuple(rects) if tiles is not None else ())
+
+
+def _load(opened: Opened, max_pixels: int) -> tuple[int, int, int]:
+    """The pixels of ``opened`` loaded and checked; its orientation still to apply, and its size
+    once applied."""
+    image, fmt = opened.image, opened.format
+    try:
+        image.load()  # the current frame only: the first, as nothing has seeked
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise _bomb(exc, max_pixels) from exc
+    except Exception as exc:  # truncated data, bad chunks, decoder errors
+        raise ImageError(f"the {fmt} image is corrupt or truncated: {exc}") from exc
+    _check_loaded(image, opened.declared, max_pixels)
+    orientation, width, height = opened.orientation, opened.width, opened.height
+    if fmt == "PNG" and "exif" in image.info:
+        late = _png_orientation(image.info["exif"])  # an eXIf chunk after the pixels
+        if late not in (None, orientation):
+            if (late in _TRANSPOSING) != (orientation in _TRANSPOSING):
+                width, height = height, width
+            orientation = late
+    if _orients_itself(fmt):
+        orientation = 1  # applied by Pillow while loading
+    return orientation, width, height
+
+
+def _tiles(
+    image: Image.Image,
+    orientation: int,
+    input_size: tuple[int, int],
+    rects: Sequence[Rect],
+    width: int,
+    height: int,
+) -> np.ndarray:
+    """Each tile of the oriented image, converted as ``_model_input`` converts the whole and
+    resized to the input size. Only a tile at a time is ever copied out of the loaded image."""
+    target_h, target_w = input_size
+    _, convert = _converter(image)
+    method = _TRANSPOSE.get(orientation)
+    out = np.empty((len(rects), target_h, target_w, 3), dtype=np.uint8)
+    for k, (x0, y0, x1, y1) in enumerate(rects):
+        # A late PNG orientation may have turned the image after the grid was drawn: clip.
+        box = (min(x0, width - 1), min(y0, height - 1), max(min(x1, width), 1), max(min(y1, height), 1))
+        tile = image.crop(_source_box(orientation, *image.size, box))
+        if method is not None:
+            tile = tile.transpose(method)
+        tile = convert(tile)
+        out[k] = np.asarray(tile.resize((target_w, target_h), Image.Resampling.BILINEAR).convert("RGB"))
+    return out
+
+
+def tile_cost(rects: Sequence[Rect], input_size: tuple[int, int]) -> int:
+    """Bytes the tiles add to an image's decoding: the largest tile copied out (at most 4 bytes a
+    pixel, with its conversion) and every tile's model input."""
+    if not rects:
+        return 0
+    largest = max((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in rects)
+    return 2 * 4 * largest + len(rects) * input_size[0] * input_size[1] * 3
+
+
+def oriented_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """The image's width and height as people see it (after EXIF orientation), from its header
+    alone; the same checks and errors as ``open_image``."""
+    opened = open_image(data, (1, 1), max_pixels, draft=False)
+    opened.close()
+    return opened.width, opened.height
 
 
 def decode(data: bytes, input_size: tuple[int, int], max_pixels: int) -> Decoded:

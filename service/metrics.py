@@ -45,6 +45,7 @@ LATENCY_BUCKETS = (
 )
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 DETECTION_BUCKETS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+TILE_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -106,6 +107,13 @@ class Metrics:
             buckets=DETECTION_BUCKETS,
             registry=registry,
         )
+        self.tiles = Histogram(
+            "detector_tiles_per_image",
+            "Tiles a tiled image was cut into (each costs one model input, the whole image one more)",
+            ["model"],
+            buckets=TILE_BUCKETS,
+            registry=registry,
+        )
         self.model_info = Gauge(
             "detector_model_info",
             "The model being served (value 1)",
@@ -136,12 +144,13 @@ class Metrics:
             batch_size=self.batch_size.labels(model),
             batches=self.batches.labels(model),
             detections=self.detections.labels(model),
+            tiles=self.tiles.labels(model),
         )
 
     def forget(self, model: str) -> None:
         """A model no longer served: its series go (a removed model is not a stuck one)."""
         for family in (self.images, self.queue_depth, self.queue_wait, self.inference, self.batch_size,
-                       self.batches, self.detections):  # fmt: skip
+                       self.batches, self.detections, self.tiles):  # fmt: skip
             with contextlib.suppress(KeyError):
                 family.remove(model)
         for result in ("success", "failure"):
@@ -188,6 +197,7 @@ class ModelMetrics:
     batch_size: Any
     batches: Any
     detections: Any
+    tiles: Any
 
     @property
     def rejected(self) -> Counter:

@@ -45,10 +45,11 @@ from .artifact import Detections, ModelInfo
 from .batcher import DeadlineExceeded, QueueFull, Refused, ShuttingDown, Ticket
 from .budget import Reservation
 from .errors import APIError, ClientGone
-from .images import ImageError
+from .images import Decoded, ImageError, Rect
 from .memory import release_soon
 from .repository import ModelNotFound, NoModel, Repository, ServedModel
 from .state import State
+from .tiling import Tiling, merge, to_image
 
 # A request body this large leaves enough freed heap behind to be worth handing back at once.
 RELEASE_ABOVE = 8 * 1024 * 1024
@@ -98,11 +99,13 @@ class Query:
 
 @dataclass(frozen=True)
 class Found:
-    """One image's answer: the size its boxes are in, and what the model found."""
+    """One image's answer: the size its boxes are in, and what the model found (merged over its
+    tiles and the whole image where it was tiled: ``tiles`` their rectangles)."""
 
     width: int
     height: int
     detections: Detections
+    tiles: tuple[Rect, ...] = ()
 
     def json(self, query: Query) -> list[dict]:
         """The contract's detection objects, as ``query`` asks."""
@@ -242,14 +245,20 @@ class Call:
         images: Sequence[bytes] | np.ndarray,
         names: Sequence[str | None] | None = None,
         gone: Callable[[], Awaitable[Any]] | None = None,
+        tiling: Tiling | None = None,
+        threshold: float = 0.0,
     ) -> list[Found]:
         """Detections for encoded ``images`` (or pixels uint8 [B, H, W, 3] at the model's input
-        size) by the deadline; ``gone`` returns when the client goes away. Raises APIError
-        (4xx, 503, 504) or ClientGone."""
+        size) by the deadline; ``gone`` returns when the client goes away. With ``tiling``, each
+        image also in tiles at full resolution, merged (scores under ``threshold`` left out
+        before the merge: the answer drops them anyway). Raises APIError (4xx, 503, 504) or
+        ClientGone."""
         info = self.info
         due = self.set_deadline(None)
         names = names if names is not None else [None] * len(images)
-        work = asyncio.ensure_future(self._run(images, names, info.input_size, due))
+        if tiling is not None and isinstance(images, np.ndarray):
+            raise APIError(422, "tile: tiling needs encoded images, not pixels", "invalid_parameters")
+        work = asyncio.ensure_future(self._run(images, names, info.input_size, due, tiling, threshold))
         watcher = asyncio.ensure_future(gone()) if gone is not None else None
         try:
             await asyncio.wait(
@@ -281,27 +290,34 @@ class Call:
             raise refusal(exc) from exc
 
     async def _pixels(
-        self, images: Sequence[bytes], names: Sequence[str | None], input_size: tuple[int, int]
-    ) -> list[tuple[int, int, np.ndarray]]:
-        """Every image decoded (in the decode threads, within the budget); the first bad image,
-        in the request's order, is the answer (4xx naming it)."""
+        self,
+        images: Sequence[bytes],
+        names: Sequence[str | None],
+        input_size: tuple[int, int],
+        grids: Sequence[tuple[Rect, ...]],
+    ) -> list[Decoded]:
+        """Every image decoded (in the decode threads, within the budget), with its tiles; the
+        first bad image, in the request's order, is the answer (4xx naming it)."""
         decoder = self.state.decoder
-        outcomes: list[Any]
         if len(images) == 1:  # most requests: awaited in place, no task of its own
-            try:
-                outcomes = [await decoder.decode(images[0], input_size)]
-            except ImageError as exc:
-                outcomes = [exc]
-        else:
-            outcomes = await asyncio.gather(
-                *(decoder.decode(data, input_size) for data in images), return_exceptions=True
-            )
-        for name, outcome in zip(names, outcomes, strict=True):
-            if isinstance(outcome, ImageError):
-                raise APIError(outcome.status, (f"{name}: " if name else "") + str(outcome), outcome.code)
-            if isinstance(outcome, BaseException):
-                raise outcome
-        return [(d.width, d.height, d.pixels) for d in outcomes]  # type: ignore[union-attr]
+            return [await _named(names[0], decoder.decode(images[0], input_size, grids[0]))]
+        outcomes = await asyncio.gather(
+            *(decoder.decode(data, input_size, rects) for data, rects in zip(images, grids, strict=True)),
+            return_exceptions=True,
+        )
+        return _first_error(names, outcomes)
+
+    async def _grids(
+        self,
+        images: Sequence[bytes],
+        names: Sequence[str | None],
+        tiling: Tiling,
+        input_size: tuple[int, int],
+    ) -> list[tuple[Rect, ...]]:
+        """Each image's tiles, from its header alone: what admission counts before decoding."""
+        decoder, limit = self.state.decoder, self.state.settings.max_tiles_per_image
+        sizes = await asyncio.gather(*(decoder.size(data) for data in images), return_exceptions=True)
+        return [tuple(tiling.grid(w, h, input_size, limit)) for w, h in _first_error(names, sizes)]
 
     async def _run(
         self,
@@ -309,22 +325,33 @@ class Call:
         names: Sequence[str | None],
         input_size: tuple[int, int],
         due: float,
+        tiling: Tiling | None,
+        threshold: float,
     ) -> list[Found]:
         model = self.model
         assert model is not None
         decoder = self.state.decoder
         held, self.held = self.held, None
-        async with model.batcher.admit(len(images), due, decoder.typical_seconds, held) as ticket:
+        grids: list[tuple[Rect, ...]] = [()] * len(images)
+        if tiling is not None:  # the door's place stays held meanwhile (its block gives it back)
+            assert not isinstance(images, np.ndarray)
+            grids = await self._grids(images, names, tiling, input_size)
+        # A tiled image costs its tiles and the whole image: admission, the queue's bound and
+        # the deadline's estimate count every model input.
+        inputs = sum(len(rects) + 1 for rects in grids)
+        async with model.batcher.admit(inputs, due, decoder.typical_seconds, held) as ticket:
             try:
                 if isinstance(images, np.ndarray):  # pixels at the model's input size
                     height, width = input_size
-                    decoded = [(width, height, pixels) for pixels in images]
+                    decoded = [Decoded(pixels, width, height) for pixels in images]
                 else:
-                    decoded = await self._pixels(images, names, input_size)
+                    decoded = await self._pixels(images, names, input_size, grids)
             except (asyncio.CancelledError, DeadlineExceeded):
                 ticket.abandoned()
                 raise
-            futures = ticket.submit([pixels for _, _, pixels in decoded])
+            futures = ticket.submit(
+                [array for d in decoded for array in (d.pixels, *(d.tiles if d.tiles is not None else ()))]
+            )
         try:
             found = list(await asyncio.gather(*futures))
             ticket.done()
@@ -333,7 +360,18 @@ class Call:
                 f.cancel()  # the batcher drops cancelled images before inference
             ticket.abandoned()
             raise
-        return [Found(w, h, d) for (w, h, _), d in zip(decoded, found, strict=True)]
+        answers, at = [], 0
+        for image in decoded:
+            passes = found[at : at + 1 + len(image.rects)]
+            at += len(passes)
+            if tiling is not None:
+                model.batcher.metrics.tiles.observe(len(image.rects))
+            if image.rects:
+                merged = await _merged(passes, image, threshold)
+                answers.append(Found(image.width, image.height, merged, image.rects))
+            else:
+                answers.append(Found(image.width, image.height, passes[0]))
+        return answers
 
     # --- answer --------------------------------------------------------------------------------
 
@@ -366,3 +404,43 @@ class Call:
             self.bytes.release()
             if held >= RELEASE_ABOVE:
                 release_soon()
+
+
+async def _named(name: str | None, decoding: Awaitable[Decoded]) -> Decoded:
+    try:
+        return await decoding
+    except ImageError as exc:
+        raise APIError(exc.status, (f"{name}: " if name else "") + str(exc), exc.code) from None
+
+
+def _first_error(names: Sequence[str | None], outcomes: Sequence[Any]) -> list[Any]:
+    """The outcomes of a request's images, or the first error in the request's order (4xx
+    naming the image for a bad one)."""
+    for name, outcome in zip(names, outcomes, strict=True):
+        if isinstance(outcome, ImageError):
+            raise APIError(outcome.status, (f"{name}: " if name else "") + str(outcome), outcome.code)
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return list(outcomes)
+
+
+# Above this many boxes the merge (quadratic in the boxes of a class) leaves the event loop.
+MERGE_ON_LOOP = 200
+
+
+async def _merged(passes: Sequence[Detections], image: Decoded, threshold: float) -> Detections:
+    """One image's detections over its whole-image pass and its tiles, merged (service/tiling.py),
+    boxes normalised to the whole image as an untiled answer's are."""
+    width, height = image.width, image.height
+    parts = []
+    for rect, detections in zip((None, *image.rects), passes, strict=True):
+        keep = detections.scores >= threshold
+        parts.append((to_image(detections.boxes[keep], rect, width, height), detections.scores[keep],
+                      detections.labels[keep]))  # fmt: skip
+    boxes = sum(len(p[1]) for p in parts)
+    if boxes > MERGE_ON_LOOP:
+        boxes_, scores, labels = await asyncio.to_thread(merge, parts)
+    else:
+        boxes_, scores, labels = merge(parts)
+    scale = np.asarray([width, height, width, height], np.float32)
+    return Detections(boxes_ / scale, scores, labels, passes[-1].model)

@@ -35,6 +35,11 @@ class ImageResult(BaseModel):
     width: int
     height: int
     detections: list[Detection]
+    tiles: list[list[int]] | None = Field(
+        None,
+        description="with tile: the tiles' rectangles (x0, y0, x1, y1 in pixels of the image), each run "
+        "beside the whole image; empty when the image fits in one tile",
+    )
 
 
 class ModelIdentity(BaseModel):

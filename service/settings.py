@@ -33,6 +33,11 @@ class Settings(BaseSettings):
     # a request that does not fit waits for room until its deadline, then 503.
     request_budget_mb: int = Field(256, ge=1)
     score_threshold: float = Field(0.5, ge=0, le=1)
+    # Tiled inference (service/tiling.py): the default of a request's tile and tile_overlap, and
+    # the most tiles one image may be cut into (tile=auto grows its tiles to stay within it).
+    tile: str = Field("off", pattern=r"^(?i:off|auto|\d{1,5}x\d{1,5})$")
+    tile_overlap: float = Field(0.2, ge=0, lt=1)
+    max_tiles_per_image: int = Field(32, ge=1, le=1024)
     # ONNX Runtime CPU threads (default: its own, or the usable cores where fewer: artifact.usable_cores)
     intra_op_threads: int | None = Field(None, ge=1)
     admin_token: SecretStr | None = None  # bearer token for POST /model/reload

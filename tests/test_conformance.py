@@ -60,6 +60,7 @@ class Reply:
     identity: dict | None = None  # /detect's whole "model" object
     counts: list[int] | None = None  # detections per image
     headers: dict | None = None
+    tiles: list | None = None  # a tiled request's tiles, per image
 
 
 class Transport:
@@ -94,7 +95,8 @@ class Detect(Transport):
             return Reply(r.status_code, body["error"]["message"], headers=dict(r.headers))
         who = body["model"]
         counts = [len(result["detections"]) for result in body["results"]]
-        return Reply(200, "", (who["name"], who["version"]), who, counts, dict(r.headers))
+        tiles = [result["tiles"] for result in body["results"]] if "tiles" in body["results"][0] else None
+        return Reply(200, "", (who["name"], who["version"]), who, counts, dict(r.headers), tiles)
 
 
 class OipRest(Transport):
@@ -119,7 +121,10 @@ class OipRest(Transport):
             return Reply(r.status_code, body["error"], headers=dict(r.headers))
         body = r.json()
         counts = next(o["data"] for o in body["outputs"] if o["name"] == "num_detections")
-        return Reply(200, "", (body["model_name"], body["model_version"]), None, counts, dict(r.headers))
+        tiles = json.loads(body["parameters"]["tiles"]) if "tiles" in body.get("parameters", {}) else None
+        return Reply(
+            200, "", (body["model_name"], body["model_version"]), None, counts, dict(r.headers), tiles
+        )
 
 
 class OipGrpc(Transport):
@@ -139,7 +144,10 @@ class OipGrpc(Transport):
         except grpc.aio.AioRpcError as exc:
             return Reply(HTTP_OF.get(exc.code(), 500), exc.details() or "")
         counts = np.frombuffer(response.raw_output_contents[0], np.int64).tolist()
-        return Reply(200, "", (response.model_name, response.model_version), None, counts)
+        tiles = (
+            json.loads(response.parameters["tiles"].string_param) if "tiles" in response.parameters else None
+        )
+        return Reply(200, "", (response.model_name, response.model_version), None, counts, None, tiles)
 
 
 TRANSPORTS = {"detect": Detect, "oip_rest": OipRest, "oip_grpc": OipGrpc}
@@ -440,5 +448,61 @@ def test_request_bytes_in_flight_share_one_budget(kind, served_artifact):
             text = await s.metrics()
             assert metric(text, 'detector_rejected_requests_total{reason="request_budget"}') == 1
             assert metric(text, 'detector_rejected_requests_total{reason="payload_too_large"}') == 1
+
+    run(go())
+
+
+# --- Tiled inference ----------------------------------------------------------------------------
+
+WIDE = encode(scene(1280, 720, seed=21))  # 5 x 3 tiles of 320 (20% overlap), plus the whole image
+
+
+def test_tiling_answers_its_tiles_and_counts_every_input(kind, served_artifact):
+    """``tile`` alike on every transport: the tiles listed, each a model input (the queue, the
+    images counted, the tiles histogram), an image smaller than one tile not cut, the default
+    answer untiled and unchanged, bad values 422 (400 under the OIP) naming the parameter."""
+
+    async def go():
+        async with service(kind, model_path=str(served_artifact), model_name="shapes") as s:
+            t, name = s.transport, "shapes"
+            plain = await t.infer([WIDE], name)
+            assert plain.status == 200 and plain.tiles is None
+            tiled = await t.infer([WIDE], name, tile="auto")
+            assert tiled.status == 200, tiled.message
+            rects = tiled.tiles[0]
+            assert len(rects) == 15 and all(x1 - x0 == 320 and y1 - y0 == 320 for x0, y0, x1, y1 in rects)
+            assert {r[2] for r in rects} >= {1280} and {r[3] for r in rects} >= {720}  # to the edges
+            small = await t.infer([IMAGE], name, tile="auto")  # 320x320: one tile is the whole image
+            assert small.status == 200 and small.tiles == [[]]
+            text = await s.metrics()
+            assert metric(text, f'detector_images_total{{model="{name}"}}') == 1 + 16 + 1
+            assert metric(text, f'detector_tiles_per_image_count{{model="{name}"}}') == 2
+            refusals = [
+                ({"tile": "7x7"}, "at least 32"),
+                ({"tile": "auto", "tile_overlap": 0.999 + 0.001}, "tile_overlap"),
+                ({"tile": "40x40"}, "SSD_MAX_TILES_PER_IMAGE"),
+            ]
+            for params, words in refusals:
+                refused = await t.infer([WIDE], name, **params)
+                assert refused.status in (400, 422) and words in refused.message, refused
+
+    run(go())
+
+
+def test_a_tiled_image_costs_its_tiles_in_admission(kind, served_artifact):
+    """16 model inputs do not fit a queue of 8: refused at once, before decoding; untiled, the
+    same image fits. tile=auto grows its tiles to stay within SSD_MAX_TILES_PER_IMAGE."""
+
+    async def go():
+        async with service(kind, model_path=str(served_artifact), model_name="shapes", max_queue_size=8) as s:
+            t, name = s.transport, "shapes"
+            assert (await t.infer([WIDE], name)).status == 200
+            full = await t.infer([WIDE], name, tile="320x320")
+            assert full.status == 503 and "queue" in full.message, full
+        async with service(
+            kind, model_path=str(served_artifact), model_name="shapes", max_tiles_per_image=4
+        ) as s:
+            grown = await s.transport.infer([WIDE], "shapes", tile="auto")
+            assert grown.status == 200 and 0 < len(grown.tiles[0]) <= 4
 
     run(go())

@@ -252,14 +252,16 @@ class Servicer(pb_grpc.GRPCInferenceServiceServicer):
             parameters = _parameters(request.parameters)
             names = check_outputs([o.name for o in request.outputs])
             async with call.door(min(call.longest_due(), transport_due or math.inf)):
-                outputs = await run(call, _tensors(request), parameters, transport_due=transport_due)
+                inferred = await run(call, _tensors(request), parameters, transport_due=transport_due)
             model = call.model
             assert model is not None
             response = pb.ModelInferResponse(
                 model_name=model.name, model_version=str(model.version), id=request.id
             )
+            for key, value in inferred.parameters().items():
+                response.parameters[key].string_param = value
             for name in names:
-                array = outputs[name]
+                array = inferred.outputs[name]
                 response.outputs.add(name=name, datatype=OUTPUT_TYPES[name], shape=list(array.shape))
                 response.raw_output_contents.append(
                     np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()

@@ -30,6 +30,7 @@ from ..errors import APIError
 from ..pipeline import Call, Query, not_ready
 from ..repository import ServedModel
 from ..state import State
+from ..tiling import Tiling
 
 OUTPUTS = ("num_detections", "boxes", "scores", "labels")
 DATATYPES: dict[str, np.dtype] = {
@@ -209,6 +210,8 @@ class Asked:
     max_detections: int | None = None
     classes: list[str] | None = None
     timeout_ms: float | None = None
+    tile: str | None = None
+    tile_overlap: float | None = None
 
     @classmethod
     def parse(cls, parameters: Mapping[str, Any], limit_ms: float) -> Asked:
@@ -239,7 +242,10 @@ class Asked:
         triton = number("timeout")  # Triton's, in microseconds; 0 there means none
         if triton:
             timeout_ms = min(timeout_ms or math.inf, triton / 1000, limit_ms)
-        return cls(number("score_threshold"), limit, classes, timeout_ms)
+        tile = parameters.get("tile")
+        if tile is not None and not isinstance(tile, str):
+            raise bad(f"parameter 'tile': auto, off or WIDTHxHEIGHT, not {tile!r}")
+        return cls(number("score_threshold"), limit, classes, timeout_ms, tile, number("tile_overlap"))
 
 
 def _images(call: Call, tensor: Tensor) -> list[bytes] | np.ndarray:
@@ -303,9 +309,10 @@ async def run(
     parameters: Mapping[str, Any],
     gone: Callable[[], Awaitable[None]] | None = None,
     transport_due: float | None = None,
-) -> dict[str, np.ndarray]:
-    """One inference request of a resolved ``call``: every output, by name. ``transport_due``:
-    the transport's own deadline (gRPC's), if any. Raises APIError (HTTP statuses)."""
+) -> Inferred:
+    """One inference request of a resolved ``call``: every output, by name, and the tiles of a
+    tiled request. ``transport_due``: the transport's own deadline (gRPC's), if any. Raises
+    APIError (HTTP statuses)."""
     info = call.info
     settings = call.state.settings
     if len(inputs) != 1:
@@ -315,10 +322,13 @@ async def run(
     query = Query.parse(
         info, settings.score_threshold, asked.score_threshold, asked.max_detections, asked.classes
     )
+    tiling = Tiling.parse(asked.tile, asked.tile_overlap, settings.tile, settings.tile_overlap)
     call.set_deadline(asked.timeout_ms, transport_due)
     images = _images(call, inputs[0])
     names = None if isinstance(images, np.ndarray) else [f"images[{i}]" for i in range(len(images))]
-    found = await call.run(images, names, gone)
+    if tiling is not None and isinstance(images, np.ndarray) and asked.tile is None:
+        tiling = None  # the server's default tiling applies to encoded images only
+    found = await call.run(images, names, gone, tiling, query.threshold)
     count = len(found)
     k = query.limit
     boxes = np.zeros((count, k, 4), np.float32)
@@ -330,4 +340,17 @@ async def run(
         n = len(s)
         boxes[row, :n], scores[row, :n], labels[row, :n], kept[row] = b, s, c, n
     call.answered(kept.tolist())
-    return {"num_detections": kept, "boxes": boxes, "scores": scores, "labels": labels}
+    outputs = {"num_detections": kept, "boxes": boxes, "scores": scores, "labels": labels}
+    return Inferred(outputs, [[list(r) for r in image.tiles] for image in found] if tiling else None)
+
+
+@dataclass(frozen=True)
+class Inferred:
+    """An inference's answer: the outputs by name, and for a tiled request each image's tiles
+    (x0, y0, x1, y1 in its pixels), which the response carries as its ``tiles`` parameter (JSON)."""
+
+    outputs: dict[str, np.ndarray]
+    tiles: list[list[list[int]]] | None = None
+
+    def parameters(self) -> dict[str, str]:
+        return {"tiles": json.dumps(self.tiles, separators=(",", ":"))} if self.tiles is not None else {}

@@ -224,6 +224,7 @@ def _response(
     request_id: Any,
     outputs: dict[str, np.ndarray],
     wanted: list[tuple[str, bool]],
+    parameters: dict[str, str] | None = None,
 ) -> tuple[bytes, int | None]:
     """The answer's bytes, and the JSON header's length when binary data follows it."""
     described, blobs = [], []
@@ -240,6 +241,8 @@ def _response(
     answer: dict[str, Any] = {"model_name": model_name, "model_version": str(version), "outputs": described}
     if isinstance(request_id, str) and request_id:
         answer["id"] = request_id
+    if parameters:
+        answer["parameters"] = parameters
     head = json.dumps(answer, separators=(",", ":")).encode()
     return head + b"".join(blobs), (len(head) if blobs else None)
 
@@ -344,10 +347,12 @@ async def handle(request: Request, call: Call, head: Head) -> Response:
     wanted = _wanted(header, parameters)
     inputs = _inputs(header, binary)
     del body, binary
-    outputs = await run(call, inputs, parameters, lambda: until_disconnect(request))
+    inferred = await run(call, inputs, parameters, lambda: until_disconnect(request))
     model = call.model
     assert model is not None
-    content, head_length = _response(model.name, model.version, header.get("id"), outputs, wanted)
+    content, head_length = _response(
+        model.name, model.version, header.get("id"), inferred.outputs, wanted, inferred.parameters()
+    )
     headers: dict[str, str] = {}
     if head_length is not None:
         headers["Inference-Header-Content-Length"] = str(head_length)

@@ -1,0 +1,167 @@
+"""Tiled inference: small objects in large photos.
+
+An SSD sees a photo at its input size (320x320 for SSDlite): a 1920x1080 frame shrinks 6x across,
+and an object of 60 px becomes 10 px, below what the network finds. Tiling runs the model on
+overlapping crops at full resolution (tiles of the input size by default, 20% overlap) plus the
+whole image at the model's size ("full + sliced", as the SAHI library does it, so that large
+objects are not cut up), maps each tile's boxes back to the photo's pixels and merges them.
+
+Merging is SAHI's greedy non-maximum merging by intersection over the smaller box, per class:
+the boxes a tile edge cut (half an object in one tile, the whole of it in the next, or in the
+whole-image pass) overlap the whole box by far less IoU than NMS needs (a half box has IoU 0.5
+at best) but lie inside it (intersection over the smaller near 1), so NMS keeps both and a
+person counts twice; merging keeps one box, the union, with the best score.
+
+The grid comes from the image's header, before any pixel is decoded, so that admission counts a
+tiled image as what it costs: its tiles plus the whole image.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import APIError
+
+MERGE_IOS = 0.5  # SAHI's default match threshold for greedy merging
+AUTO_GROWTH = 1.25  # tile=auto grows its tiles by this factor until the grid fits the cap
+
+Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the oriented image
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """What a request asks: ``size`` None with ``auto`` for the model's input size, grown to fit
+    ``SSD_MAX_TILES_PER_IMAGE``; ``(width, height)`` for a grid of its own; ``off`` is no Tiling."""
+
+    auto: bool
+    size: tuple[int, int] | None
+    overlap: float
+
+    @classmethod
+    def parse(
+        cls, tile: str | None, overlap: float | None, default: str, default_overlap: float
+    ) -> Tiling | None:
+        """``tile`` = ``auto``, ``off`` or ``WxH`` (a query parameter, an OIP parameter or the
+        settings' default); 422 naming the parameter for anything else."""
+        text = (tile if tile is not None else default).strip().lower()
+        share = default_overlap if overlap is None else overlap
+        if not (isinstance(share, int | float) and 0.0 <= share < 1.0):
+            raise APIError(422, "tile_overlap: from 0 to less than 1", "invalid_parameters")
+        if text == "off":
+            return None
+        if text == "auto":
+            return cls(True, None, float(share))
+        match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", text)
+        if match is None:
+            raise APIError(422, "tile: auto, off, or WIDTHxHEIGHT in pixels (640x640)", "invalid_parameters")
+        width, height = int(match.group(1)), int(match.group(2))
+        if min(width, height) < 32:
+            raise APIError(422, "tile: each side at least 32 pixels", "invalid_parameters")
+        return cls(False, (width, height), float(share))
+
+    def grid(self, width: int, height: int, input_size: tuple[int, int], max_tiles: int) -> list[Rect]:
+        """The tiles of a ``width`` x ``height`` image (after EXIF orientation); [] when the image
+        fits in one tile (the whole-image pass sees it at full resolution already). ``auto``
+        grows its tiles until the grid has at most ``max_tiles``; an explicit size past it is 422."""
+        if self.size is not None:
+            rects = _grid(width, height, self.size, self.overlap)
+            if len(rects) > max_tiles:
+                raise APIError(
+                    422,
+                    f"tile {self.size[0]}x{self.size[1]} cuts this {width}x{height} image into "
+                    f"{len(rects)} tiles; the most is {max_tiles} (SSD_MAX_TILES_PER_IMAGE)",
+                    "invalid_parameters",
+                )
+            return rects
+        tile_h, tile_w = input_size
+        scale = 1.0
+        while True:
+            size = (math.ceil(tile_w * scale), math.ceil(tile_h * scale))
+            rects = _grid(width, height, size, self.overlap)
+            if len(rects) <= max_tiles:
+                return rects
+            scale *= AUTO_GROWTH
+
+
+def count(width: int, height: int, tiling: Tiling | None, input_size: tuple[int, int], max_tiles: int) -> int:
+    """How many model inputs an image costs: its tiles plus the whole image (1 untiled)."""
+    return 1 + (len(tiling.grid(width, height, input_size, max_tiles)) if tiling else 0)
+
+
+def _starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Where tiles of ``tile`` pixels start along ``length``: every ``tile * (1 - overlap)``,
+    the last one flush with the end (so every tile is whole and none leaves the image)."""
+    if length <= tile:
+        return [0]
+    step = max(1, int(tile * (1.0 - overlap)))
+    starts = list(range(0, length - tile, step))
+    starts.append(length - tile)
+    return starts
+
+
+def _grid(width: int, height: int, size: tuple[int, int], overlap: float) -> list[Rect]:
+    tile_w, tile_h = min(size[0], width), min(size[1], height)
+    if tile_w >= width and tile_h >= height:
+        return []
+    return [
+        (x, y, x + tile_w, y + tile_h)
+        for y in _starts(height, tile_h, overlap)
+        for x in _starts(width, tile_w, overlap)
+    ]
+
+
+def merge(
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou_smaller: float = MERGE_IOS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy non-maximum merging of the boxes of every pass, per class.
+
+    ``parts``: (boxes float [n, 4] xyxy in pixels of the whole image, scores [n], labels [n]) of
+    each pass. In descending score, each box not yet taken takes every other box of its class
+    whose intersection over the smaller of the two is at least ``iou_smaller``; the result is
+    their union, with the first one's score. Returns boxes, scores, labels, scores descending.
+    """
+    boxes = np.concatenate([p[0] for p in parts]).astype(np.float64).reshape(-1, 4)
+    scores = np.concatenate([p[1] for p in parts]).astype(np.float32)
+    labels = np.concatenate([p[2] for p in parts]).astype(np.int64)
+    out_boxes, out_scores, out_labels = [], [], []
+    for label in np.unique(labels):
+        mine = np.flatnonzero(labels == label)
+        mine = mine[np.argsort(-scores[mine], kind="stable")]
+        b = boxes[mine]
+        areas = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
+        free = np.ones(len(mine), dtype=bool)
+        for i in range(len(mine)):
+            if not free[i]:
+                continue
+            rest = np.flatnonzero(free)
+            width = np.minimum(b[i, 2], b[rest, 2]) - np.maximum(b[i, 0], b[rest, 0])
+            height = np.minimum(b[i, 3], b[rest, 3]) - np.maximum(b[i, 1], b[rest, 1])
+            inter = np.clip(width, 0, None) * np.clip(height, 0, None)
+            smaller = np.minimum(areas[i], areas[rest])
+            ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+            taken = rest[(ios >= iou_smaller) | (rest == i)]
+            free[taken] = False
+            group = b[taken]
+            out_boxes.append([group[:, 0].min(), group[:, 1].min(), group[:, 2].max(), group[:, 3].max()])
+            out_scores.append(scores[mine[i]])
+            out_labels.append(label)
+    if not out_boxes:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    order = np.argsort(-np.asarray(out_scores), kind="stable")
+    return (
+        np.asarray(out_boxes, np.float32)[order],
+        np.asarray(out_scores, np.float32)[order],
+        np.asarray(out_labels, np.int64)[order],
+    )
+
+
+def to_image(boxes: np.ndarray, rect: Rect | None, width: int, height: int) -> np.ndarray:
+    """A pass's boxes, normalised to its input, in pixels of the whole image: ``rect`` the tile's
+    rectangle, None for the whole-image pass."""
+    x0, y0, x1, y1 = rect if rect is not None else (0, 0, width, height)
+    scale = np.asarray([x1 - x0, y1 - y0, x1 - x0, y1 - y0], np.float64)
+    return boxes.astype(np.float64) * scale + np.asarray([x0, y0, x0, y0], np.float64)
