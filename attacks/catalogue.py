@@ -356,6 +356,20 @@ def cases() -> list[Case]:
     out += [
         # 3. 16-bit images near the pixel limit: decoded within bounded memory.
         Case("grey16-6300", _image(grey16_png, "image/png", timeout=60.0), frozenset({200})),
+        # Tiled, the same image is decoded at full resolution and cut into at most
+        # SSD_MAX_TILES_PER_IMAGE tiles: bounded work, bounded memory (the aftermath's RSS check).
+        Case(
+            "grey16-6300-tiled",
+            lambda t: post(t, grey16_png(), "image/png", path="/detect?tile=auto", timeout=60.0),
+            frozenset({200}),
+            exclusive=True,
+        ),
+        Case(
+            "png-50000x50000-tiled",
+            lambda t: post(t, png_declaring(50000, 50000), "image/png", path="/detect?tile=auto"),
+            frozenset({413}),
+            "image_too_large",
+        ),
         Case("grey16-6300-x8-client-gives-up", _eight_grey16, frozenset({None, 200, 503}), exclusive=True),
         # 4. Not images, broken images, bombs.
         Case("random-bytes", _image(_random_bytes, "image/jpeg"), frozenset({400}), "invalid_image"),

@@ -13,16 +13,19 @@ The route is answered below FastAPI (service/endpoints.py): ``Params`` reads its
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import parse_qsl
 
 from fastapi import Query as Param
+from PIL import Image
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Scope
 
+from . import drawing
 from .dependencies import ModelQuery, VersionQuery, unknown_query
 from .door import Head
 from .endpoints import Endpoint
@@ -102,6 +105,7 @@ class Params:
 
 
 NAMES = frozenset(Params.__dataclass_fields__)
+DRAWN = ("image/jpeg", "image/png")  # the answers /detect draws, besides its JSON
 
 
 def _invalid(message: str) -> APIError:
@@ -141,9 +145,12 @@ async def handle(request: Request, call: Call, head: Head) -> Response:
         call.info, settings.score_threshold, params.score_threshold, params.max_detections, wanted
     )
     tiling = Tiling.parse(params.tile, params.tile_overlap, settings.tile, settings.tile_overlap)
+    drawn = drawn_type(request.headers.get("accept"))
     due = call.set_deadline(params.timeout_ms)
     call.bytes = call.bytes or call.state.budget.reservation()
     uploads = await read_uploads(request, Limits.of(settings), Body(call.bytes, due))
+    if drawn is not None and len(uploads) > 1:
+        raise _invalid(f"Accept: {drawn} draws one image; this request has {len(uploads)} (ask for JSON)")
     found = await call.run(
         [u.data for u in uploads],
         [u.filename for u in uploads],
@@ -157,7 +164,55 @@ async def handle(request: Request, call: Call, head: Head) -> Response:
         for u, f in zip(uploads, found, strict=True)
     ]
     call.answered([len(r["detections"]) for r in results])
+    if drawn is not None:
+        return await _drawn(call, uploads[0].data, results[0], drawn, call.identity(found))
     return JSONResponse({"model": call.identity(found), "results": results})
+
+
+def drawn_type(accept: str | None) -> str | None:
+    """The image type the client prefers by its ``Accept`` (``image/jpeg``, ``image/png``;
+    ``image/*`` is JPEG), else None: JSON, as for ``*/*``, ``application/json`` or no header.
+    The highest quality wins, the first listed on a tie."""
+    ranked = []
+    for position, item in enumerate((accept or "").split(",")):
+        kind, *options = (part.strip().lower() for part in item.split(";"))
+        q = 1.0
+        for option in options:
+            if option.startswith("q="):
+                try:
+                    q = float(option[2:])
+                except ValueError:
+                    q = 0.0
+        if q > 0 and kind in (*DRAWN, "image/*", "application/json", "application/*", "*/*"):
+            ranked.append((-q, position, kind))
+    if not ranked:
+        return None
+    kind = min(ranked)[2]
+    return "image/jpeg" if kind == "image/*" else kind if kind in DRAWN else None
+
+
+async def _drawn(call: Call, data: bytes, result: dict, media_type: str, model: dict) -> Response:
+    """The image with its answer drawn on it, at most drawing.MAX_SIDE on its longest side: the
+    image decoded again at that size (within the decode budget), drawn and encoded off the loop."""
+    width, height = drawing.drawn_size(result["width"], result["height"])
+    decoded = await call.state.decoder.decode(data, (height, width))
+
+    def render() -> bytes:
+        image = Image.fromarray(decoded.pixels)
+        scale = width / result["width"]
+        return drawing.encode(
+            drawing.draw(image, result["detections"], result.get("tiles", ()), scale), media_type
+        )
+
+    content = await asyncio.get_running_loop().run_in_executor(call.state.decoder.pool, render)
+    # Which model answered, and how many it found, where a JSON answer would have said it.
+    headers = {
+        "X-Model": model["name"],
+        "X-Model-Version": str(model["version"]),
+        "X-Model-Sha256": model["sha256"],
+        "X-Detections": str(len(result["detections"])),
+    }
+    return Response(content, media_type=media_type, headers=headers)
 
 
 ENDPOINT = Endpoint(head, handle)

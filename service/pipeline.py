@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from .images import Decoded, ImageError, Rect
 from .memory import release_soon
 from .repository import ModelNotFound, NoModel, Repository, ServedModel
 from .state import State
-from .tiling import Tiling, merge, to_image
+from .tiling import Tiling, merge_passes
 
 # A request body this large leaves enough freed heap behind to be worth handing back at once.
 RELEASE_ABOVE = 8 * 1024 * 1024
@@ -429,18 +430,9 @@ MERGE_ON_LOOP = 200
 
 
 async def _merged(passes: Sequence[Detections], image: Decoded, threshold: float) -> Detections:
-    """One image's detections over its whole-image pass and its tiles, merged (service/tiling.py),
-    boxes normalised to the whole image as an untiled answer's are."""
-    width, height = image.width, image.height
-    parts = []
-    for rect, detections in zip((None, *image.rects), passes, strict=True):
-        keep = detections.scores >= threshold
-        parts.append((to_image(detections.boxes[keep], rect, width, height), detections.scores[keep],
-                      detections.labels[keep]))  # fmt: skip
-    boxes = sum(len(p[1]) for p in parts)
-    if boxes > MERGE_ON_LOOP:
-        boxes_, scores, labels = await asyncio.to_thread(merge, parts)
-    else:
-        boxes_, scores, labels = merge(parts)
-    scale = np.asarray([width, height, width, height], np.float32)
-    return Detections(boxes_ / scale, scores, labels, passes[-1].model)
+    """One image's detections over its passes, merged (service/tiling.py), off the event loop
+    where there are many."""
+    merge = functools.partial(merge_passes, list(passes), image.rects, image.width, image.height, threshold)
+    if sum(int((d.scores >= threshold).sum()) for d in passes) > MERGE_ON_LOOP:
+        return await asyncio.to_thread(merge)
+    return merge()

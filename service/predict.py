@@ -11,19 +11,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageOps
+import numpy as np
+from PIL import Image, ImageOps
 
 from .artifact import ArtifactError, Detector
-from .images import ImageError, decode
+from .drawing import draw, encode
+from .errors import APIError
+from .images import ImageError, finish, open_image
+from .tiling import Tiling, merge_passes
 
 MAX_PIXELS = 100_000_000
 DEFAULT_SCORE_THRESHOLD = 0.5
-
-# Distinct, readable colours for class ids (Tableau 10).
-PALETTE = [
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-]  # fmt: skip
 
 
 def _unit_interval(text: str) -> float:
@@ -52,6 +50,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         f"(default {DEFAULT_SCORE_THRESHOLD}, or the artifact's threshold if that is higher)",
     )
     parser.add_argument("--providers", default="cpu", help="e.g. cuda,cpu (default cpu)")
+    parser.add_argument(
+        "--tile",
+        default="off",
+        help="tiled inference, as the service's tile: auto (tiles of the model's input size), off "
+        "(default), or WIDTHxHEIGHT; for small objects in large photos",
+    )
+    parser.add_argument("--tile-overlap", type=float, default=0.2, help="the tiles' overlap (default 0.2)")
+    parser.add_argument(
+        "--max-tiles", type=int, default=32, help="the most tiles per image (default 32, as the service's)"
+    )
 
 
 def image_files(arguments: list[str]) -> list[tuple[Path, Path]]:
@@ -80,38 +88,54 @@ def image_files(arguments: list[str]) -> list[tuple[Path, Path]]:
     return named
 
 
-def detect_files(detector: Detector, paths: list[Path], score_threshold: float) -> list[dict[str, Any]]:
+def detect_files(
+    detector: Detector,
+    paths: list[Path],
+    score_threshold: float,
+    tiling: Tiling | None = None,
+    max_tiles: int = 32,
+) -> list[dict[str, Any]]:
+    """Each file's answer as ``/detect`` gives it (with ``tiling``, its tiles too), or its error."""
     info = detector.info
     results = []
     for path in paths:
         try:
-            image = decode(path.read_bytes(), info.input_size, MAX_PIXELS)
-        except (OSError, ImageError) as exc:
-            results.append({"filename": str(path), "error": str(exc)})
+            opened = open_image(path.read_bytes(), info.input_size, MAX_PIXELS, draft=tiling is None)
+            try:
+                rects = (
+                    tuple(tiling.grid(opened.width, opened.height, info.input_size, max_tiles))
+                    if tiling
+                    else ()
+                )
+            except APIError:
+                opened.close()
+                raise
+            image = finish(opened, info.input_size, MAX_PIXELS, rects)
+        except (OSError, ImageError, APIError) as exc:
+            results.append({"filename": str(path), "error": getattr(exc, "message", None) or str(exc)})
             continue
-        found = detector.detect(image.pixels[None])[0]
-        detections = found.to_json(image.width, image.height, score_threshold)
-        results.append(
-            {"filename": str(path), "width": image.width, "height": image.height, "detections": detections}
+        passes = detector.detect(np.stack([image.pixels, *(image.tiles if image.tiles is not None else ())]))
+        found = (
+            merge_passes(passes, rects, image.width, image.height, score_threshold) if rects else passes[0]
         )
+        detections = found.to_json(image.width, image.height, score_threshold)
+        result = {
+            "filename": str(path),
+            "width": image.width,
+            "height": image.height,
+            "detections": detections,
+        }
+        if tiling is not None:
+            result["tiles"] = [list(r) for r in rects]
+        results.append(result)
     return results
 
 
-def draw(path: Path, detections: list[dict[str, Any]], out: Path) -> None:
+def draw_file(path: Path, result: dict[str, Any], out: Path) -> None:
+    """The image of ``path`` (EXIF-oriented) with its answer drawn, written to ``out``."""
     with Image.open(path) as opened:
         image = ImageOps.exif_transpose(opened).convert("RGB")
-    pen = ImageDraw.Draw(image)
-    width = max(2, round(max(image.size) / 300))
-    for d in detections:
-        colour = PALETTE[d["class_id"] % len(PALETTE)]
-        x1, y1, x2, y2 = d["box"]
-        pen.rectangle((x1, y1, x2, y2), outline=colour, width=width)
-        text = f"{d['label']} {d['score']:.2f}"
-        left, top, right, bottom = pen.textbbox((x1, y1), text)
-        lift = bottom - top + 2
-        pen.rectangle((x1, y1 - lift, x1 + right - left + 4, y1), fill=colour)
-        pen.text((x1 + 2, y1 - lift), text, fill=(255, 255, 255))
-    image.save(out, quality=90)
+    out.write_bytes(encode(draw(image, result["detections"], result.get("tiles", ())), "image/jpeg"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -133,8 +157,13 @@ def run(args: argparse.Namespace) -> int:
     if not named:
         print(f"ssd predict: no images in {', '.join(args.images)}", file=sys.stderr)
         return 2
+    try:
+        tiling = Tiling.parse(args.tile, args.tile_overlap, "off", 0.2)
+    except APIError as exc:
+        print(f"ssd predict: --{exc.message.replace('_', '-')}", file=sys.stderr)
+        return 2
     paths = [source for source, _ in named]
-    results = detect_files(detector, paths, threshold)
+    results = detect_files(detector, paths, threshold, tiling, args.max_tiles)
     info = detector.info
     report = {
         "model": {"name": info.name, "version": info.version, "sha256": info.sha256},
@@ -146,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         for (path, name), result in zip(named, results, strict=True):
             if "error" not in result:
                 (out / name).parent.mkdir(parents=True, exist_ok=True)
-                draw(path, result["detections"], out / name)
+                draw_file(path, result, out / name)
         (out / "predictions.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report))
     failed = [r for r in results if "error" in r]

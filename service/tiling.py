@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .artifact import Detections
 from .errors import APIError
 
 MERGE_IOS = 0.5  # SAHI's default match threshold for greedy merging
@@ -165,3 +166,20 @@ def to_image(boxes: np.ndarray, rect: Rect | None, width: int, height: int) -> n
     x0, y0, x1, y1 = rect if rect is not None else (0, 0, width, height)
     scale = np.asarray([x1 - x0, y1 - y0, x1 - x0, y1 - y0], np.float64)
     return boxes.astype(np.float64) * scale + np.asarray([x0, y0, x0, y0], np.float64)
+
+
+def merge_passes(
+    passes: list[Detections], rects: tuple[Rect, ...], width: int, height: int, threshold: float
+) -> Detections:
+    """One image's detections over its whole-image pass (first) and its tiles (``rects``, in
+    order), merged; boxes normalised to the whole image as an untiled answer's are. Scores under
+    ``threshold`` are left out first: the answer drops them anyway, and the merge is quadratic."""
+    parts = []
+    for rect, found in zip((None, *rects), passes, strict=True):
+        keep = found.scores >= threshold
+        parts.append(
+            (to_image(found.boxes[keep], rect, width, height), found.scores[keep], found.labels[keep])
+        )
+    boxes, scores, labels = merge(parts)
+    scale = np.asarray([width, height, width, height], np.float32)
+    return Detections(boxes / scale, scores, labels, passes[-1].model)

@@ -1,5 +1,5 @@
 """``GET /``, the upload page, in headless Chromium (Debian's chromium and chromium-driver, driven
-by selenium): choose an image, see boxes and labels, move the score slider."""
+by selenium): choose an image, see boxes and labels, move the score slider, ask for tiles."""
 
 from __future__ import annotations
 
@@ -51,6 +51,11 @@ def test_upload_page_draws_detections(served_artifact, tmp_path):
             )
             rows_at[value] = len(browser.find_elements(By.CSS_SELECTOR, "#table tbody tr"))
         assert rows_at["0"] > 0 and rows_at["1"] == 0  # the slider filters what is drawn
+        # Tiles: the same photo again, tiled; the tiles drawn and counted in the status line.
+        browser.find_element(By.ID, "tile").click()
+        status = browser.find_element(By.ID, "status")
+        WebDriverWait(browser, 30).until(lambda b: "tiles and the whole image" in status.text)
+        assert status.text.endswith("6 tiles and the whole image"), status.text
     finally:
         browser.quit()
         server.stop()

@@ -125,3 +125,63 @@ def test_through_the_service_shapes_cut_by_tile_edges_stay_one_box_each():
         inside = [b for b in same if b is not near[0] and overlap(b, near[0], smaller=True) >= 0.5]
         assert not inside, (shape, inside)
     assert cut >= 2  # the test is about cut shapes: some are
+
+
+# --- Answers drawn ------------------------------------------------------------------------------
+
+
+def test_labels_stay_inside_the_image_and_colours_follow_the_class():
+    from service.drawing import PALETTE, draw
+
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    at_top = {"label": "circle", "class_id": 0, "score": 0.9, "box": [10.0, 0.0, 60.0, 40.0]}
+    at_right = {"label": "a-long-label-name", "class_id": 3, "score": 0.5, "box": [170.0, 50.0, 199.0, 90.0]}
+    drawn = np.asarray(draw(image, [at_top, at_right]))
+    # The box touching the top edge has its label just inside its top edge, in its class's colour.
+    assert (drawn[:12, 12:40] == PALETTE[0]).all(axis=-1).mean() > 0.3
+    # The label of a box at the right edge is moved left to fit, not cut off.
+    assert (drawn[30:50, 100:170] == PALETTE[3]).all(axis=-1).any()
+
+
+def test_detect_draws_its_answer_when_asked_for_an_image():
+    photo = SCENE.read_bytes()
+
+    async def ask() -> list:
+        async with serving(settings(DEMO)) as client:
+            answers = []
+            for accept in ("image/png", "image/jpeg", "application/json, image/png", "*/*"):
+                headers = {"Content-Type": "image/jpeg", "Accept": accept}
+                answers.append(await client.post("/detect?tile=auto", content=photo, headers=headers))
+            files = [("file", ("a.jpg", photo, "image/jpeg")), ("file", ("b.jpg", photo, "image/jpeg"))]
+            answers.append(await client.post("/detect", files=files, headers={"Accept": "image/png"}))
+            return answers
+
+    png, jpeg, json_first, anything, two = asyncio.run(ask())
+    assert png.headers["content-type"] == "image/png" and png.content.startswith(b"\x89PNG")
+    assert Image.open(io.BytesIO(png.content)).size == (640, 480)  # the photo's own size, under the cap
+    assert int(png.headers["x-detections"]) > 0 and png.headers["x-model"] == "ssdlite320_mobilenet_v3_large"
+    assert jpeg.headers["content-type"] == "image/jpeg" and jpeg.content.startswith(b"\xff\xd8")
+    assert len(json_first.json()["results"][0]["tiles"]) == 6 and anything.json()["results"]
+    assert two.status_code == 422 and "draws one image" in two.json()["error"]["message"]
+
+
+def test_predict_tiles_and_draws(tmp_path, capsys):
+    import argparse
+    import json
+
+    from service import predict
+
+    image = Image.open(SCENE).convert("RGB")
+    large = tmp_path / "large.jpg"
+    image.resize((1920, 1440)).save(large, quality=95)
+    parser = argparse.ArgumentParser()
+    predict.configure(parser)
+    args = parser.parse_args([str(DEMO), str(large), "--tile", "auto", "--out", str(tmp_path / "out")])
+    assert predict.run(args) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    result = report["results"][0]
+    assert len(result["tiles"]) == 30 and result["detections"]
+    drawn = Image.open(tmp_path / "out" / "large.jpg")
+    assert drawn.size == (1920, 1440)
+    args = parser.parse_args([str(DEMO), str(large), "--tile", "nope"])
+    assert predict.run(args) == 2 and "--tile: auto, off" in capsys.readouterr().err
