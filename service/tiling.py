@@ -69,23 +69,24 @@ class Tiling:
         fits in one tile (the whole-image pass sees it at full resolution already). ``auto``
         grows its tiles until the grid has at most ``max_tiles``; an explicit size past it is 422."""
         if self.size is not None:
-            rects = _grid(width, height, self.size, self.overlap)
-            if len(rects) > max_tiles:
+            tiles = _count(width, height, self.size, self.overlap)
+            if tiles > max_tiles:
                 raise APIError(
                     422,
                     f"tile {self.size[0]}x{self.size[1]} cuts this {width}x{height} image into "
-                    f"{len(rects)} tiles; the most is {max_tiles} (SSD_MAX_TILES_PER_IMAGE)",
+                    f"{tiles} tiles; the most is {max_tiles} (SSD_MAX_TILES_PER_IMAGE)",
                     "invalid_parameters",
                 )
-            return rects
+            return _grid(width, height, self.size, self.overlap)
         tile_h, tile_w = input_size
         scale = 1.0
-        while True:
-            size = (math.ceil(tile_w * scale), math.ceil(tile_h * scale))
-            rects = _grid(width, height, size, self.overlap)
-            if len(rects) <= max_tiles:
-                return rects
+        # Counted before any list is made: a thin overlap (0.99) asks for a tile every pixel.
+        while (
+            _count(width, height, (math.ceil(tile_w * scale), math.ceil(tile_h * scale)), self.overlap)
+            > max_tiles
+        ):
             scale *= AUTO_GROWTH
+        return _grid(width, height, (math.ceil(tile_w * scale), math.ceil(tile_h * scale)), self.overlap)
 
 
 def count(width: int, height: int, tiling: Tiling | None, input_size: tuple[int, int], max_tiles: int) -> int:
@@ -102,6 +103,21 @@ def _starts(length: int, tile: int, overlap: float) -> list[int]:
     starts = list(range(0, length - tile, step))
     starts.append(length - tile)
     return starts
+
+
+def _along(length: int, tile: int, overlap: float) -> int:
+    """How many tiles ``_starts`` places along ``length``, without placing them."""
+    if length <= tile:
+        return 1
+    step = max(1, int(tile * (1.0 - overlap)))
+    return math.ceil((length - tile) / step) + 1
+
+
+def _count(width: int, height: int, size: tuple[int, int], overlap: float) -> int:
+    tile_w, tile_h = min(size[0], width), min(size[1], height)
+    if tile_w >= width and tile_h >= height:
+        return 0
+    return _along(width, tile_w, overlap) * _along(height, tile_h, overlap)
 
 
 def _grid(width: int, height: int, size: tuple[int, int], overlap: float) -> list[Rect]:

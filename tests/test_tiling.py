@@ -185,3 +185,22 @@ def test_predict_tiles_and_draws(tmp_path, capsys):
     assert drawn.size == (1920, 1440)
     args = parser.parse_args([str(DEMO), str(large), "--tile", "nope"])
     assert predict.run(args) == 2 and "--tile: auto, off" in capsys.readouterr().err
+
+
+def test_a_thin_overlap_is_counted_not_built():
+    """tile_overlap 0.99 asks for a tile every few pixels: the grid is counted before it is made
+    (arithmetic, not a list of a million tiles), so a 6000x4000 photo gets a bounded grid or 422."""
+    from service.tiling import _count, _grid
+
+    rects = parse("auto", 0.99).grid(6000, 4000, (320, 320), 32)
+    assert 0 < len(rects) <= 32
+    with pytest.raises(APIError, match="SSD_MAX_TILES_PER_IMAGE"):
+        parse("320x320", 0.99).grid(6000, 4000, (320, 320), 32)
+    cases = [
+        (1920, 1080, (320, 320), 0.2),
+        (1000, 200, (320, 320), 0.5),
+        (5000, 333, (640, 480), 0.9),
+        (321, 320, (320, 320), 0.0),
+    ]
+    for width, height, size, overlap in cases:
+        assert _count(width, height, size, overlap) == len(_grid(width, height, size, overlap))
