@@ -65,6 +65,10 @@ TORCH = {
         "bench.decode_memory",
         "peak memory of decoding one ~40-megapixel image per format: the decode budget's figures",
     ),
+    "tiles": (
+        "bench.tiles",
+        "small objects in large photos: recall by size and mAP@0.5, tiled and not, beside SAHI",
+    ),
     "parity": (
         "bench.parity",
         "torchvision exports against torchvision's own model on the photos of photos/",

@@ -6,11 +6,11 @@ overlapping crops at full resolution (tiles of the input size by default, 20% ov
 whole image at the model's size ("full + sliced", as the SAHI library does it, so that large
 objects are not cut up), maps each tile's boxes back to the photo's pixels and merges them.
 
-Merging is SAHI's greedy non-maximum merging by intersection over the smaller box, per class:
-the boxes a tile edge cut (half an object in one tile, the whole of it in the next, or in the
-whole-image pass) overlap the whole box by far less IoU than NMS needs (a half box has IoU 0.5
-at best) but lie inside it (intersection over the smaller near 1), so NMS keeps both and a
-person counts twice; merging keeps one box, the union, with the best score.
+Merging, per class (``merge``): a box a tile edge cut (touching its tile's inner edge) that
+lies mostly inside another box of its class (intersection over the smaller) is part of that
+object, and merges into it; other overlaps are NMS's (IoU). NMS alone keeps the sliver a tile
+edge leaves beside the whole object (its IoU with it is small), and SAHI's greedy merging of
+every nested box lets a large box swallow the objects inside it: ``merge`` says the figures.
 
 The grid comes from the image's header, before any pixel is decoded, so that admission counts a
 tiled image as what it costs: its tiles plus the whole image.
@@ -28,6 +28,7 @@ from .artifact import Detections
 from .errors import APIError
 
 MERGE_IOS = 0.5  # SAHI's default match threshold for greedy merging
+NMS_IOU = 0.45  # the artifacts' own NMS threshold (the SSD paper's)
 AUTO_GROWTH = 1.25  # tile=auto grows its tiles by this factor until the grid fits the cap
 
 Rect = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels of the oriented image
@@ -132,23 +133,36 @@ def _grid(width: int, height: int, size: tuple[int, int], overlap: float) -> lis
 
 
 def merge(
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], iou_smaller: float = MERGE_IOS
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], how: str = "fragments"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Greedy non-maximum merging of the boxes of every pass, per class.
+    """The boxes of every pass as one answer, per class, in descending score.
 
-    ``parts``: (boxes float [n, 4] xyxy in pixels of the whole image, scores [n], labels [n]) of
-    each pass. In descending score, each box not yet taken takes every other box of its class
-    whose intersection over the smaller of the two is at least ``iou_smaller``; the result is
-    their union, with the first one's score. Returns boxes, scores, labels, scores descending.
+    ``parts``: (boxes float [n, 4] xyxy in pixels of the whole image, scores [n], labels [n],
+    cut bool [n]: the box touches an inner edge of its tile, so it may be part of an object) of
+    each pass. ``how``:
+
+    - ``fragments`` (the service's): each box, in score order, takes the boxes of its class that
+      overlap it by IoU >= ``NMS_IOU`` (dropped, as NMS drops them) and those of which it or they
+      are a cut part (intersection over the smaller >= ``MERGE_IOS``, the smaller box touching
+      its tile's inner edge: merged, the union kept);
+    - ``nmm``: SAHI's greedy non-maximum merging: every box of the class with intersection over
+      the smaller >= ``MERGE_IOS`` merged, cut or not;
+    - ``nms``: per-class NMS at IoU ``NMS_IOU``, nothing merged.
+
+    ``ssd bench tiles`` measured the three on shapes pasted on photos (docs/benchmarks.md):
+    NMS keeps the sliver a tile edge leaves beside the whole object (one object, two boxes);
+    greedy merging lets a large box swallow the smaller objects inside it (recall of 64-96 px
+    objects 0.78 against NMS's 0.96); merging only cut parts keeps both.
     """
     boxes = np.concatenate([p[0] for p in parts]).astype(np.float64).reshape(-1, 4)
     scores = np.concatenate([p[1] for p in parts]).astype(np.float32)
     labels = np.concatenate([p[2] for p in parts]).astype(np.int64)
+    cut = np.concatenate([p[3] for p in parts]).astype(bool)
     out_boxes, out_scores, out_labels = [], [], []
     for label in np.unique(labels):
         mine = np.flatnonzero(labels == label)
         mine = mine[np.argsort(-scores[mine], kind="stable")]
-        b = boxes[mine]
+        b, c = boxes[mine], cut[mine]
         areas = np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)
         free = np.ones(len(mine), dtype=bool)
         for i in range(len(mine)):
@@ -160,9 +174,18 @@ def merge(
             inter = np.clip(width, 0, None) * np.clip(height, 0, None)
             smaller = np.minimum(areas[i], areas[rest])
             ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
-            taken = rest[(ios >= iou_smaller) | (rest == i)]
-            free[taken] = False
-            group = b[taken]
+            union_area = areas[i] + areas[rest] - inter
+            iou = np.divide(inter, union_area, out=np.zeros_like(inter), where=union_area > 0)
+            if how == "nms":
+                merged, dropped = rest == i, iou >= NMS_IOU
+            elif how == "nmm":
+                merged, dropped = (ios >= MERGE_IOS) | (rest == i), np.zeros_like(ios, dtype=bool)
+            else:
+                part = np.where(areas[rest] <= areas[i], c[rest], c[i])  # the smaller one is cut
+                merged = ((ios >= MERGE_IOS) & part) | (rest == i)
+                dropped = iou >= NMS_IOU
+            free[rest[merged | dropped]] = False
+            group = b[rest[merged]]
             out_boxes.append([group[:, 0].min(), group[:, 1].min(), group[:, 2].max(), group[:, 3].max()])
             out_scores.append(scores[mine[i]])
             out_labels.append(label)
@@ -176,6 +199,21 @@ def merge(
     )
 
 
+def cut_by(boxes: np.ndarray, rect: Rect | None, width: int, height: int, margin: float = 2.0) -> np.ndarray:
+    """Which of a pass's boxes (normalised to its input) touch an inner edge of its tile, within
+    ``margin`` pixels: what a tile edge may have cut. None of the whole-image pass's."""
+    if rect is None or len(boxes) == 0:
+        return np.zeros(len(boxes), dtype=bool)
+    x0, y0, x1, y1 = rect
+    mx, my = margin / (x1 - x0), margin / (y1 - y0)
+    return (
+        ((boxes[:, 0] <= mx) & (x0 > 0))
+        | ((boxes[:, 1] <= my) & (y0 > 0))
+        | ((boxes[:, 2] >= 1 - mx) & (x1 < width))
+        | ((boxes[:, 3] >= 1 - my) & (y1 < height))
+    )
+
+
 def to_image(boxes: np.ndarray, rect: Rect | None, width: int, height: int) -> np.ndarray:
     """A pass's boxes, normalised to its input, in pixels of the whole image: ``rect`` the tile's
     rectangle, None for the whole-image pass."""
@@ -185,7 +223,12 @@ def to_image(boxes: np.ndarray, rect: Rect | None, width: int, height: int) -> n
 
 
 def merge_passes(
-    passes: list[Detections], rects: tuple[Rect, ...], width: int, height: int, threshold: float
+    passes: list[Detections],
+    rects: tuple[Rect, ...],
+    width: int,
+    height: int,
+    threshold: float,
+    how: str = "fragments",
 ) -> Detections:
     """One image's detections over its whole-image pass (first) and its tiles (``rects``, in
     order), merged; boxes normalised to the whole image as an untiled answer's are. Scores under
@@ -193,9 +236,15 @@ def merge_passes(
     parts = []
     for rect, found in zip((None, *rects), passes, strict=True):
         keep = found.scores >= threshold
+        boxes = found.boxes[keep]
         parts.append(
-            (to_image(found.boxes[keep], rect, width, height), found.scores[keep], found.labels[keep])
+            (
+                to_image(boxes, rect, width, height),
+                found.scores[keep],
+                found.labels[keep],
+                cut_by(boxes, rect, width, height),
+            )
         )
-    boxes, scores, labels = merge(parts)
+    boxes, scores, labels = merge(parts, how)
     scale = np.asarray([width, height, width, height], np.float32)
     return Detections(boxes / scale, scores, labels, passes[-1].model)

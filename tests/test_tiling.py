@@ -57,11 +57,12 @@ def test_an_object_cut_by_a_tile_edge_merges_into_one_box():
     left_part = np.array([[300.0, 102.0, 320.0, 199.0]])  # the sliver left of the first tile's edge, 320
     right_part = np.array([[256.0, 101.0, 331.0, 200.0]])  # the tile from 256 holds most of it
     other = np.array([[235.0, 105.0, 325.0, 195.0]])
+    no, yes = np.array([False]), np.array([True])
     boxes, scores, labels = merge([
-        (whole, np.array([0.6]), np.array([2])),
-        (left_part, np.array([0.9]), np.array([2])),
-        (right_part, np.array([0.8]), np.array([2])),
-        (other, np.array([0.7]), np.array([4])),
+        (whole, np.array([0.6]), np.array([2]), no),
+        (left_part, np.array([0.9]), np.array([2]), yes),  # touches its tile's inner edge
+        (right_part, np.array([0.8]), np.array([2]), yes),
+        (other, np.array([0.7]), np.array([4]), no),
     ])  # fmt: skip
     assert labels.tolist() == [2, 4] and scores.tolist() == pytest.approx([0.9, 0.7])
     assert boxes[0].tolist() == [230.0, 100.0, 331.0, 200.0]  # the union, with the best score
@@ -74,6 +75,24 @@ def test_an_object_cut_by_a_tile_edge_merges_into_one_box():
 
     assert iou(boxes[0], whole[0]) >= 0.5
     assert iou(left_part[0], whole[0]) < 0.45  # NMS would keep the sliver: two objects for one
+    nms = merge(
+        [(whole, np.array([0.6]), np.array([2]), no), (left_part, np.array([0.9]), np.array([2]), yes)], "nms"
+    )
+    assert len(nms[0]) == 2
+
+
+def test_a_large_box_does_not_swallow_the_objects_inside_it():
+    """Greedy merging of every nested box (SAHI's) lets a large box take the small ones inside
+    it; only a cut part merges here: whole small boxes stay, as NMS keeps them."""
+    big = np.array([[0.0, 0.0, 300.0, 300.0]])
+    small = np.array([[10.0, 10.0, 60.0, 60.0], [200.0, 200.0, 260.0, 250.0]])
+    no = np.zeros(1, bool)
+    parts = [
+        (big, np.array([0.9]), np.array([1]), no),
+        (small, np.array([0.8, 0.7]), np.array([1, 1]), no.repeat(2)),
+    ]
+    assert len(merge(parts)[0]) == 3
+    assert len(merge(parts, "nmm")[0]) == 1
 
 
 def test_a_tiles_boxes_map_back_to_the_image():
