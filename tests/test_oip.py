@@ -162,6 +162,9 @@ def test_pixels_json_and_binary_agree_with_detect(served_artifact):
             nested = {"inputs": [{**as_json["inputs"][0], "data": pixels[None].tolist()}]}
             _, again = parse_response(await client.post(INFER, json=nested))
             np.testing.assert_array_equal(again["scores"], plain["scores"])
+            # Pixels are at the model's input size already: there is nothing to cut into tiles.
+            tiled = await client.post(INFER, json={**as_json, "parameters": {"tile": "auto"}})
+            assert tiled.status_code == 400 and "tile" in tiled.json()["error"]
 
     run(go())
 
