@@ -202,19 +202,23 @@ def sahi(model: Any, data: bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
     image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     height, width = model.model.info.input_size
-    result = get_sliced_prediction(
-        image,
-        model,
-        slice_height=height,
-        slice_width=width,
-        overlap_height_ratio=0.2,
-        overlap_width_ratio=0.2,
-        perform_standard_pred=True,
-        postprocess_type="GREEDYNMM",
-        postprocess_match_metric="IOS",
-        postprocess_match_threshold=0.5,
-        verbose=0,
-    )
+    guard = Image.MAX_IMAGE_PIXELS
+    try:
+        result = get_sliced_prediction(
+            image,
+            model,
+            slice_height=height,
+            slice_width=width,
+            overlap_height_ratio=0.2,
+            overlap_width_ratio=0.2,
+            perform_standard_pred=True,
+            postprocess_type="GREEDYNMM",
+            postprocess_match_metric="IOS",
+            postprocess_match_threshold=0.5,
+            verbose=0,
+        )
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard  # SAHI turns Pillow's decompression-bomb guard off, for good
     found = result.object_prediction_list
     boxes = np.array([p.bbox.to_xyxy() for p in found], np.float32).reshape(-1, 4)
     return (

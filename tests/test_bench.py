@@ -335,14 +335,18 @@ def test_every_benchmark_module_is_a_command_or_a_part_of_one():
     assert commands <= modules
 
 
-def test_bench_tiles_builds_its_set_and_compares_the_three_ways(tmp_path):
+def test_bench_tiles_builds_its_set_and_compares_the_three_ways(tmp_path, monkeypatch):
     """One canvas: the set as its recipe says (1920x1080, small and large shapes, COCO
     annotations), and each way's recall by size, mAP@0.5 and speed; SAHI around our artifact
     where the peers group has it."""
     import json
 
+    from PIL import Image
+
     from bench import tiles
 
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # whatever SAHI does
+    guard = Image.MAX_IMAGE_PIXELS
     out = tmp_path / "tiles"
     assert tiles.main(["--images", "1", "--out", str(out), "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
@@ -356,3 +360,5 @@ def test_bench_tiles_builds_its_set_and_compares_the_three_ways(tmp_path):
     for way in ways.values():
         assert sum(b["objects"] for b in way["recall_by_size"].values()) == report["objects"]
         assert 0 <= way["map50"] <= 1 and way["images_per_s"] > 0
+    # SAHI turns Pillow's bomb guard off; the bench puts it back (raised, not off, by our decoding).
+    assert Image.MAX_IMAGE_PIXELS is not None and guard <= Image.MAX_IMAGE_PIXELS
