@@ -133,19 +133,12 @@ def _near(a: Any, b: Any, gap: float = 8.0) -> bool:
 
 
 def ours(
-    detector: Any, data: bytes, tiling: Any, floor: float, max_tiles: int = MAX_TILES, **how: Any
+    detector: Any, data: bytes, tiling: Any, floor: float, max_tiles: int = MAX_TILES, how: str = "fragments"
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The service's own path (as ``ssd predict --tile``): boxes in pixels, scores, labels."""
-    from service.images import finish, open_image
-    from service.tiling import merge_passes
+    """The service's own path (``ssd predict --tile``'s): boxes in pixels, scores, labels."""
+    from service.predict import detect_image
 
-    size = detector.info.input_size
-    tiled = tiling is not None
-    opened = open_image(data, size, 100_000_000, draft=not tiled)
-    rects = tuple(tiling.grid(opened.width, opened.height, size, max_tiles)) if tiled else ()
-    image = finish(opened, size, 100_000_000, rects)
-    passes = detector.detect(np.stack([image.pixels, *(image.tiles if image.tiles is not None else ())]))
-    found = merge_passes(passes, rects, image.width, image.height, floor, **how) if rects else passes[0]
+    image, found = detect_image(detector, data, floor, tiling, max_tiles, how)
     return found.select(image.width, image.height, floor)
 
 

@@ -80,7 +80,11 @@ class Decoded:
     width: int  # of the original image, after EXIF orientation
     height: int
     tiles: np.ndarray | None = None  # uint8 [T, H, W, 3]: the tiles asked for, each at the input size
-    rects: tuple[tuple[int, int, int, int], ...] = ()  # each tile's x0, y0, x1, y1 in the image
+    rects: tuple[Rect, ...] = ()  # each tile's x0, y0, x1, y1 in the image
+
+    def inputs(self) -> list[np.ndarray]:
+        """The model inputs it makes: the whole image, then each tile."""
+        return [self.pixels, *(self.tiles if self.tiles is not None else ())]
 
 
 @dataclass

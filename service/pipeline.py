@@ -350,9 +350,7 @@ class Call:
             except (asyncio.CancelledError, DeadlineExceeded):
                 ticket.abandoned()
                 raise
-            futures = ticket.submit(
-                [array for d in decoded for array in (d.pixels, *(d.tiles if d.tiles is not None else ()))]
-            )
+            futures = ticket.submit([array for d in decoded for array in d.inputs()])
         try:
             found = list(await asyncio.gather(*futures))
             ticket.done()

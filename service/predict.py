@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from .artifact import ArtifactError, Detector
+from .artifact import ArtifactError, Detections, Detector
 from .drawing import draw, encode
 from .errors import APIError
-from .images import ImageError, finish, open_image
+from .images import Decoded, ImageError, finish, open_image
 from .tiling import Tiling, merge_passes
 
 MAX_PIXELS = 100_000_000
@@ -88,6 +88,31 @@ def image_files(arguments: list[str]) -> list[tuple[Path, Path]]:
     return named
 
 
+def detect_image(
+    detector: Detector,
+    data: bytes,
+    threshold: float,
+    tiling: Tiling | None = None,
+    max_tiles: int = 32,
+    how: str = "fragments",
+) -> tuple[Decoded, Detections]:
+    """One image file's bytes, decoded as the service decodes them (with ``tiling``, at full
+    resolution and cut into tiles), and its detections (merged over its tiles, ``how``:
+    service/tiling.py's ``merge``). Raises ImageError, and APIError for a grid past ``max_tiles``."""
+    size = detector.info.input_size
+    opened = open_image(data, size, MAX_PIXELS, draft=tiling is None)
+    try:
+        rects = tuple(tiling.grid(opened.width, opened.height, size, max_tiles)) if tiling else ()
+    except APIError:
+        opened.close()
+        raise
+    image = finish(opened, size, MAX_PIXELS, rects)
+    passes = detector.detect(np.stack(image.inputs()))
+    if not rects:
+        return image, passes[0]
+    return image, merge_passes(passes, rects, image.width, image.height, threshold, how)
+
+
 def detect_files(
     detector: Detector,
     paths: list[Path],
@@ -96,37 +121,21 @@ def detect_files(
     max_tiles: int = 32,
 ) -> list[dict[str, Any]]:
     """Each file's answer as ``/detect`` gives it (with ``tiling``, its tiles too), or its error."""
-    info = detector.info
     results = []
     for path in paths:
         try:
-            opened = open_image(path.read_bytes(), info.input_size, MAX_PIXELS, draft=tiling is None)
-            try:
-                rects = (
-                    tuple(tiling.grid(opened.width, opened.height, info.input_size, max_tiles))
-                    if tiling
-                    else ()
-                )
-            except APIError:
-                opened.close()
-                raise
-            image = finish(opened, info.input_size, MAX_PIXELS, rects)
+            image, found = detect_image(detector, path.read_bytes(), score_threshold, tiling, max_tiles)
         except (OSError, ImageError, APIError) as exc:
             results.append({"filename": str(path), "error": getattr(exc, "message", None) or str(exc)})
             continue
-        passes = detector.detect(np.stack([image.pixels, *(image.tiles if image.tiles is not None else ())]))
-        found = (
-            merge_passes(passes, rects, image.width, image.height, score_threshold) if rects else passes[0]
-        )
-        detections = found.to_json(image.width, image.height, score_threshold)
         result = {
             "filename": str(path),
             "width": image.width,
             "height": image.height,
-            "detections": detections,
+            "detections": found.to_json(image.width, image.height, score_threshold),
         }
         if tiling is not None:
-            result["tiles"] = [list(r) for r in rects]
+            result["tiles"] = [list(r) for r in image.rects]
         results.append(result)
     return results
 

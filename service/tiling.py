@@ -80,14 +80,12 @@ class Tiling:
                 )
             return _grid(width, height, self.size, self.overlap)
         tile_h, tile_w = input_size
-        scale = 1.0
+        scale, size = 1.0, (tile_w, tile_h)
         # Counted before any list is made: a thin overlap (0.99) asks for a tile every pixel.
-        while (
-            _count(width, height, (math.ceil(tile_w * scale), math.ceil(tile_h * scale)), self.overlap)
-            > max_tiles
-        ):
+        while _count(width, height, size, self.overlap) > max_tiles:
             scale *= AUTO_GROWTH
-        return _grid(width, height, (math.ceil(tile_w * scale), math.ceil(tile_h * scale)), self.overlap)
+            size = (math.ceil(tile_w * scale), math.ceil(tile_h * scale))
+        return _grid(width, height, size, self.overlap)
 
 
 def count(width: int, height: int, tiling: Tiling | None, input_size: tuple[int, int], max_tiles: int) -> int:
