@@ -19,7 +19,7 @@ DEMO_TRAIN = $(UV) run --frozen ssd train --model ssdlite320_mobilenet_v3_large 
 	--batch-size 16 --precise-bn 16 --workers 1 --seed 0
 
 
-.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env proto openapi lint format bench bench-peers clean demo-model
+.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env labelstudio-env proto openapi lint format bench bench-peers clean demo-model
 
 # uv itself, where it is missing.
 uv:
@@ -57,10 +57,10 @@ demo-model: install
 	$(DEMO_TRAIN) --epochs $(DEMO_STAGE3_EPOCHS) --lr 0.02 --init-from runs/demo-stage2/best.pt --out runs/demo
 	$(UV) run --frozen ssd export --checkpoint runs/demo/best.pt --out $(DEMO_MODEL)
 
-test: install tritonclient-env
+test: install tritonclient-env labelstudio-env
 	$(UV) run --frozen pytest
 
-test-fast: install tritonclient-env
+test-fast: install tritonclient-env labelstudio-env
 	$(UV) run --frozen pytest -m "not slow"
 
 # The suite in a clone of the committed tree alone, in a folder with nothing beside it: whatever
@@ -75,10 +75,10 @@ test-bare:
 # The suite on a slower machine (docs/testing.md): on one core, or beside a CPU-bound process on
 # every core. TESTS narrows it: make test-one-core TESTS="-m timing".
 TESTS ?=
-test-one-core: install tritonclient-env
+test-one-core: install tritonclient-env labelstudio-env
 	taskset -c 0 $(UV) run --frozen pytest $(TESTS)
 
-test-busy: install tritonclient-env
+test-busy: install tritonclient-env labelstudio-env
 	$(UV) run --frozen python tests/busy.py $(UV) run --frozen pytest $(TESTS)
 
 # Triton's own Python client for tests/test_tritonclient.py, in an environment of its own:
@@ -89,6 +89,15 @@ $(TRITONCLIENT_PYTHON): tests/tritonclient/requirements.txt | uv
 	rm -rf .venv/tritonclient
 	$(UV) venv --quiet --python 3.11 .venv/tritonclient
 	$(UV) pip install --quiet --python $(TRITONCLIENT_PYTHON) --require-hashes -r tests/tritonclient/requirements.txt
+
+# Label Studio's server for tests/test_labelstudio.py, in an environment of its own (its Django
+# stack and pins stay out of the project's lock): tests/labelstudio/.
+LABELSTUDIO := .venv/labelstudio/bin/label-studio
+labelstudio-env: $(LABELSTUDIO)
+$(LABELSTUDIO): tests/labelstudio/requirements.txt | uv
+	rm -rf .venv/labelstudio
+	$(UV) venv --quiet --python 3.11 .venv/labelstudio
+	$(UV) pip install --quiet --python .venv/labelstudio/bin/python --require-hashes -r tests/labelstudio/requirements.txt
 
 # The OIP's gRPC messages and stubs, from the committed .proto (service/oip/proto/README.md).
 proto: install

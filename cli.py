@@ -192,16 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--data", required=True, help="a VOC root, a COCO instances JSON or a YOLO data.yaml"
     )
-    evaluate.add_argument("--split", default="val")
-    evaluate.add_argument(
-        "--val-fraction",
-        type=float,
-        default=None,
-        help="the images a training run held out of the data's one split with this --val-fraction "
-        "and --seed (ssd train's closing summary gives both)",
-    )
-    evaluate.add_argument("--seed", type=int, default=0, help="with --val-fraction: the run's seed")
-    evaluate.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
+    from release.options import add_evaluation_split
+
+    add_evaluation_split(evaluate)
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--workers", type=int, default=0)
     evaluate.add_argument("--device", default="cpu", help="--checkpoint: cpu or cuda")

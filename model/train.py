@@ -700,7 +700,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="A,B,C",
         help="train on these classes only, numbered in this order; objects of the others are left out "
-        "(and counted in the summary)",
+        "(and counted in the summary). An .onnx artifact stands for its classes in its order: the "
+        "model trained can replace it (a Label Studio export numbers its labels alphabetically)",
     )
     parser.add_argument("--epochs", type=int, default=base.epochs)
     parser.add_argument(

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from model.files import remove_stale, staged
 
+from .options import add_evaluation_split
+
 if TYPE_CHECKING:
     from model.data import DetectionDataset
 
@@ -53,8 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("candidate", help="the newly exported .onnx artifact")
     parser.add_argument("--over", required=True, metavar="SERVED", help="the served .onnx file to replace")
     parser.add_argument("--data", required=True, help="the dataset both are evaluated on")
-    parser.add_argument("--split", default="val")
-    parser.add_argument("--images", default=None, help="COCO: the image folder, if not beside the JSON")
+    add_evaluation_split(parser)
     parser.add_argument(
         "--metric", choices=METRICS, default="map", help="what is compared (default map, COCO's mAP@[.5:.95])"
     )
@@ -138,7 +139,8 @@ def decide(
 
 
 def run(args: argparse.Namespace) -> int:
-    from model.data import DatasetError, open_dataset
+    from model.data import DatasetError
+    from model.data.subsets import open_evaluation_split
     from service.artifact import ArtifactError
 
     candidate, served = Path(args.candidate), Path(args.over)
@@ -147,7 +149,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"the candidate is the served file itself ({served})")
         for stale in remove_stale(served):
             print(f"ssd promote: removed {stale}, left by an interrupted promote", file=sys.stderr)
-        dataset = open_dataset(args.data, args.split, images_dir=args.images)
+        dataset = open_evaluation_split(
+            args.data, args.split, val_fraction=args.val_fraction, seed=args.seed, images=args.images
+        )
         decision = decide(
             candidate, served, dataset, args.metric, args.min_delta, args.force, args.batch_size
         )

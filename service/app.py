@@ -5,7 +5,6 @@ on shutdown."""
 from __future__ import annotations
 
 import gc
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,10 +20,12 @@ from .accounting import Accounting
 from .artifact import ArtifactError
 from .budget import RequestBudget
 from .decoding import Decoder
-from .dependencies import ModelQuery, StateDep, VersionQuery, known_query, served
+from .dependencies import ModelQuery, StateDep, VersionQuery, known_query, require_operator, served
 from .door import Door
 from .endpoints import InferenceRoutes
 from .errors import APIError
+from .labelstudio.routes import Backend as LabelStudioBackend
+from .labelstudio.routes import router as labelstudio_router
 from .metrics import CONTENT_TYPE, Metrics
 from .middleware import ObservabilityMiddleware
 from .oip import rest as oip_rest
@@ -57,6 +58,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         )
         budget = RequestBudget(settings.request_budget_mb * MB)
         app.state.service = State(settings, metrics, repository, decoder, time.time(), accounting, budget)
+        app.state.labelstudio = LabelStudioBackend.of(settings)
         # A model that fails to load is logged: health and metrics are served anyway, and
         # /readyz says 503 until a reload or the poller succeeds. SSD_REQUIRE_GPU unmet raises.
         await repository.start()
@@ -77,6 +79,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
                 await grpc_server.stop(state.time_left_to_stop())
             await repository.stop(state.time_left_to_stop())
             decoder.shutdown()
+            await app.state.labelstudio.aclose()
             # Back in the collector's sight: an app stopped in a process that goes on (the test
             # suite starts hundreds) is garbage, its sessions' arenas included; frozen, each one
             # stayed for good (the suite's process grew by 11 GB over the conformance tests).
@@ -111,6 +114,7 @@ def create_app(settings: Settings | None = None, grpc_host: str = "127.0.0.1") -
         openapi_extra=schema.DETECT_BODY,
     )
     app.include_router(oip_rest.router)
+    app.include_router(labelstudio_router)
     _add_operational_routes(app)
     app.openapi = lambda: schema.openapi(app)  # type: ignore[method-assign]
     return app
@@ -175,14 +179,7 @@ def _add_operational_routes(app: FastAPI) -> None:
     async def reload(
         request: Request, state: StateDep, model: ModelQuery = None, version: VersionQuery = None
     ) -> dict[str, Any]:
-        token = state.settings.admin_token
-        if token is None:
-            raise APIError(403, "reload is disabled: no SSD_ADMIN_TOKEN is configured", "forbidden")
-        # RFC 9110: the scheme is case-insensitive ("bearer" is as good as "Bearer").
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        expected = token.get_secret_value()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
-            raise APIError(403, "a valid bearer token is required", "forbidden")
+        require_operator(request, state.settings, "reload")
         chosen = served(state, model, version)
         try:
             await state.repository.reload(chosen)

@@ -3,6 +3,7 @@ of unknown query parameters."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterable
 from typing import Annotated
 
@@ -12,6 +13,7 @@ from .errors import APIError
 from .framework import query_names
 from .pipeline import lookup
 from .repository import ServedModel
+from .settings import Settings
 from .state import State
 
 
@@ -55,3 +57,16 @@ async def known_query(request: Request) -> None:
     unknown = set(request.query_params) - known
     if unknown:
         raise unknown_query(unknown, known)
+
+
+def require_operator(request: Request, settings: Settings, what: str) -> None:
+    """403 unless the request carries ``Authorization: Bearer SSD_ADMIN_TOKEN`` (and always
+    where no token is configured: ``what`` is disabled)."""
+    token = settings.admin_token
+    if token is None:
+        raise APIError(403, f"{what} is disabled: no SSD_ADMIN_TOKEN is configured", "forbidden")
+    # RFC 9110: the scheme is case-insensitive ("bearer" is as good as "Bearer").
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    expected = token.get_secret_value()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected.encode()):
+        raise APIError(403, "a valid bearer token is required", "forbidden")

@@ -124,6 +124,25 @@ class Metrics:
             "detector_model_reloads", "Model loads after the first", ["model", "result"], registry=registry
         )
         self._info: dict[str, tuple[str, str, str, str]] = {}  # each model's model_info labels
+        # Label Studio's ML backend (service/labelstudio/):
+        self.labelstudio_tasks = Counter(
+            "detector_labelstudio_tasks",
+            "Label Studio tasks answered by predict: with a prediction, or with an error",
+            ["result"],
+            registry=registry,
+        )
+        self.labelstudio_unlabelled = Counter(
+            "detector_labelstudio_unlabelled_detections",
+            "Detections left out of Label Studio predictions: their class has no label in the project",
+            ["model", "class"],
+            registry=registry,
+        )
+        self.labelstudio_events = Counter(
+            "detector_labelstudio_webhook_events",
+            "Label Studio webhook events received, by action",
+            ["action"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "detector_ready",
             "1 when /readyz says 200 (the default model serves, not draining)",
@@ -157,7 +176,8 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 self.reloads.remove(model, result)
         for family, names in ((self.requests, ("route", "code", "model")),
-                              (self.request_duration, ("route", "model"))):  # fmt: skip
+                              (self.request_duration, ("route", "model")),
+                              (self.labelstudio_unlabelled, ("model", "class"))):  # fmt: skip
             gone = {
                 tuple(sample.labels[n] for n in names)
                 for metric in family.collect()

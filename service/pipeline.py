@@ -405,19 +405,29 @@ class Call:
                 release_soon()
 
 
+class BadImage(APIError):
+    """A 4xx for one image of a request (``index``, in the request's order), naming it. A
+    transport that answers each image on its own (Label Studio's tasks) leaves it out and goes
+    on with the others."""
+
+    def __init__(self, index: int, name: str | None, error: ImageError) -> None:
+        super().__init__(error.status, (f"{name}: " if name else "") + str(error), error.code)
+        self.index = index
+
+
 async def _named(name: str | None, decoding: Awaitable[Decoded]) -> Decoded:
     try:
         return await decoding
     except ImageError as exc:
-        raise APIError(exc.status, (f"{name}: " if name else "") + str(exc), exc.code) from None
+        raise BadImage(0, name, exc) from None
 
 
 def _first_error(names: Sequence[str | None], outcomes: Sequence[Any]) -> list[Any]:
     """The outcomes of a request's images, or the first error in the request's order (4xx
     naming the image for a bad one)."""
-    for name, outcome in zip(names, outcomes, strict=True):
+    for index, (name, outcome) in enumerate(zip(names, outcomes, strict=True)):
         if isinstance(outcome, ImageError):
-            raise APIError(outcome.status, (f"{name}: " if name else "") + str(outcome), outcome.code)
+            raise BadImage(index, name, outcome)
         if isinstance(outcome, BaseException):
             raise outcome
     return list(outcomes)

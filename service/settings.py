@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -66,6 +68,12 @@ class Settings(BaseSettings):
     drain_s: float = Field(5.0, ge=0)
     shutdown_timeout_s: float = Field(30.0, ge=0)
     log_json: bool = False  # one JSON object per log line
+    # Label Studio's ML backend (/labelstudio): the Label Studio task images are fetched from
+    # (nowhere else), its token (a personal access token or a legacy one), and model classes
+    # renamed to the projects' labels ("person=Person,car=Vehicle", or a JSON object).
+    labelstudio_url: str | None = None
+    labelstudio_token: SecretStr | None = None
+    labelstudio_labels: Annotated[dict[str, str], NoDecode] = {}
 
     @field_validator("providers", mode="before")
     @classmethod
@@ -74,7 +82,30 @@ class Settings(BaseSettings):
             return [p.strip() for p in value.split(",") if p.strip()]
         return value
 
-    @field_validator("admin_token", mode="after")
+    @field_validator("labelstudio_labels", mode="before")
+    @classmethod
+    def _renames(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if text.startswith("{"):
+            return json.loads(text)
+        pairs = [p for p in (part.strip() for part in text.split(",")) if p]
+        if not all("=" in p for p in pairs):
+            raise ValueError("CLASS=LABEL pairs separated by commas, or a JSON object, are needed")
+        return dict((k.strip(), v.strip()) for k, v in (p.split("=", 1) for p in pairs))
+
+    @field_validator("labelstudio_url", mode="after")
+    @classmethod
+    def _studio(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("an http:// or https:// URL is needed")
+        return value
+
+    @field_validator("admin_token", "labelstudio_token", mode="after")
     @classmethod
     def _empty_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None

@@ -111,7 +111,7 @@ def test_the_commands_table_is_the_parsers():
 
 def _shown(value: object) -> str | None:
     """A setting's default as the reference's table writes it in backticks (None: in words)."""
-    if value is None:
+    if value is None or value == {}:
         return None
     if isinstance(value, bool):
         return "1" if value else "0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -31,7 +32,9 @@ DEMO = ROOT / "models" / "demo.onnx"
 @pytest.fixture(scope="module")
 def one_split(tmp_path_factory) -> Path:
     """Label Studio's "COCO with images" export: result.json beside images/, one split, named for
-    none, its file names relative to the folder. Synthetic shapes, so that a run learns something."""
+    none, each image named by its path on the Label Studio server (as Label Studio 1.23 writes
+    them: tests/test_labelstudio_live.py exports a real one) and packed in images/ by its base
+    name. Synthetic shapes, so that a run learns something."""
     from model.data.synth import generate
 
     made = generate(
@@ -41,7 +44,10 @@ def one_split(tmp_path_factory) -> Path:
     shutil.copytree(made / "train", out / "images")
     data = json.loads((made / "annotations" / "instances_train.json").read_text())
     for image in data["images"]:
-        image["file_name"] = f"images/{image['file_name']}"
+        # A path on that server, up from its export folder (os.pardir: not a path of ours).
+        image["file_name"] = "/".join(
+            [os.pardir, os.pardir, "label-studio/data/media/upload/1", image["file_name"]]
+        )
     (out / "result.json").write_text(json.dumps(data))
     return out
 
@@ -267,3 +273,14 @@ def test_the_batch_norm_recompute_shows_progress(one_split, monkeypatch, capsys)
     )
     training._recompute_statistics(model, dataset, 4, 2, config, 0, torch.device("cpu"))
     assert "batch-norm statistics" in capsys.readouterr().err
+
+
+def test_classes_may_be_an_artifacts_so_that_the_model_trained_can_replace_it(tmp_path):
+    from model.data.subsets import parse_classes
+
+    assert parse_classes(str(DEMO)) == ["circle", "square", "triangle", "star", "hexagon", "cross"]
+    with pytest.raises(DatasetError, match="no such artifact"):
+        parse_classes(str(tmp_path / "gone.onnx"))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(DatasetError, match="not an artifact with its classes"):
+        parse_classes(str(tmp_path / "junk.onnx"))

@@ -12,7 +12,7 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -124,20 +124,26 @@ def _split_folder(json_path: Path) -> str:
     return stem.removeprefix("instances_")
 
 
-def image_folder(json_path: Path, first_file: str, images_dir: Path | None) -> Path:
-    """Where the images are: ``images_dir`` when given, else the first of ``json.parent``,
-    ``json.parent/<split folder>`` and ``json.parent.parent/<split folder>`` that holds the first
-    image (COCO's ``annotations/instances_val2017.json`` beside ``val2017/``)."""
+def image_folder(json_path: Path, first_file: str, images_dir: Path | None) -> tuple[Path, bool]:
+    """Where the images are, and whether they are found there by their base name alone:
+    ``images_dir`` when given, else the first of ``json.parent``, ``json.parent/<split folder>``
+    and ``json.parent.parent/<split folder>`` that holds the first image (COCO's
+    ``annotations/instances_val2017.json`` beside ``val2017/``), else ``json.parent/images`` by
+    base name: Label Studio's "COCO with images" export names each image by its path on the
+    Label Studio server (``../../data/media/upload/1/x.jpg``) and packs it as ``images/x.jpg``."""
     if images_dir is not None:
-        return Path(images_dir)
+        return Path(images_dir), False
     folder = _split_folder(json_path)
     candidates = [json_path.parent, json_path.parent / folder, json_path.parent.parent / folder]
     for candidate in candidates:
         if (candidate / first_file).exists():
-            return candidate
+            return candidate, False
+    packed = json_path.parent / "images"
+    if (packed / PurePosixPath(first_file).name).is_file():
+        return packed, True
     raise DatasetError(
         f"{json_path}: image {first_file} not found in any of "
-        f"{', '.join(str(c) for c in candidates)} (give the folder with --images)"
+        f"{', '.join(str(c) for c in [*candidates, packed])} (give the folder with --images)"
     )
 
 
@@ -191,12 +197,13 @@ def load_coco(
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} bbox is {bbox!r}, not [x, y, w, h]")
         by_image[image_id].append(ann)
 
-    folder = image_folder(json_path, str(_get(images[0], "file_name", json_path, "an image")), images_dir)
+    first = str(_get(images[0], "file_name", json_path, "an image"))
+    folder, by_name = image_folder(json_path, first, images_dir)
     annotations: list[Annotation] = []
     skipped: list[tuple[str, str]] = []
     for im in images:
         file_name = str(_get(im, "file_name", json_path, "an image"))
-        image_path = folder / file_name
+        image_path = folder / (PurePosixPath(file_name).name if by_name else file_name)
         width, height = read_image_size(image_path)
         stated = (im.get("width"), im.get("height"))
         if stated != (None, None) and stated != (width, height):

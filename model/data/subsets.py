@@ -20,7 +20,11 @@ from .base import DatasetError, DetectionDataset, Transform
 
 
 def parse_classes(text: str) -> list[str]:
-    """``--classes a,b,c`` as a list, in the order given; spaces around names are dropped."""
+    """``--classes a,b,c`` as a list, in the order given; spaces around names are dropped. An
+    ``.onnx`` artifact's path stands for its classes in its order: a model trained so can replace
+    it (``ssd promote`` compares classes and their order first)."""
+    if text.lower().endswith(".onnx"):
+        return _artifact_classes(Path(text))
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise DatasetError(f"--classes {text!r}: no class names")
@@ -28,6 +32,26 @@ def parse_classes(text: str) -> list[str]:
     if repeated:
         raise DatasetError(f"--classes names {', '.join(repeated)} more than once")
     return names
+
+
+def _artifact_classes(path: Path) -> list[str]:
+    import json
+
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+        classes = json.loads({p.key: p.value for p in model.metadata_props}["classes"])
+    except FileNotFoundError:
+        raise DatasetError(f"--classes {path}: no such artifact") from None
+    except (OSError, ValueError, KeyError, DecodeError) as exc:
+        raise DatasetError(
+            f"--classes {path}: not an artifact with its classes in its metadata ({exc})"
+        ) from None
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
+        raise DatasetError(f"--classes {path}: its metadata's classes are not a list of names")
+    return classes
 
 
 def select_classes(dataset: DetectionDataset, names: Sequence[str]) -> tuple[DetectionDataset, Counter[str]]:
