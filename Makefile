@@ -19,7 +19,7 @@ DEMO_TRAIN = $(UV) run --frozen ssd train --model ssdlite320_mobilenet_v3_large 
 	--batch-size 16 --precise-bn 16 --workers 1 --seed 0
 
 
-.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env labelstudio-env proto openapi lint format bench bench-peers clean demo-model
+.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env labelstudio-env cvat-function proto openapi lint format bench bench-peers clean demo-model
 
 # uv itself, where it is missing.
 uv:
@@ -98,6 +98,11 @@ $(LABELSTUDIO): tests/labelstudio/requirements.txt | uv
 	rm -rf .venv/labelstudio
 	$(UV) venv --quiet --python 3.11 .venv/labelstudio
 	$(UV) pip install --quiet --python .venv/labelstudio/bin/python --require-hashes -r tests/labelstudio/requirements.txt
+
+# CVAT's nuclio function (deploy/cvat/) for an artifact: its labels are the artifact's classes.
+CVAT_MODEL ?= $(DEMO_MODEL)
+cvat-function: install
+	$(UV) run --frozen python deploy/cvat/make_function.py $(CVAT_MODEL) > deploy/cvat/function.yaml
 
 # The OIP's gRPC messages and stubs, from the committed .proto (service/oip/proto/README.md).
 proto: install

@@ -129,6 +129,12 @@ def _promote(args: argparse.Namespace) -> int:
     return promote.run(args)
 
 
+def _labelstudio(args: argparse.Namespace) -> int:
+    from release import labelstudio
+
+    return labelstudio.run(args)
+
+
 def _export(args: argparse.Namespace) -> int:
     from export import cli
 
@@ -206,6 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _configure_lazily(promote, "release.promote")
     promote.set_defaults(run=_promote)
+
+    labelstudio = sub.add_parser(
+        "labelstudio", help="Label Studio: a project with the detector as its ML backend; its export"
+    )
+    _configure_lazily(labelstudio, "release.labelstudio")
+    labelstudio.set_defaults(run=_labelstudio)
 
     # The parsers of export and predict live with their parts; importing those modules is cheap
     # (no torch at parse time for predict, which must run without it).

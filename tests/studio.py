@@ -4,12 +4,10 @@ and the few calls of its REST API the tests make (as its own SDK makes them)."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import subprocess
 import time
-import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -97,16 +95,6 @@ class Studio:
 
     def annotate(self, task: int, result: list[dict[str, Any]]) -> None:
         self.api.post(f"/api/tasks/{task}/annotations", json={"result": result}).raise_for_status()
-
-    def export_coco(self, project: int, folder: Path) -> Path:
-        """The project in Label Studio's "COCO with images" form, unpacked into ``folder``."""
-        answer = self.api.get(
-            f"/api/projects/{project}/export", params={"exportType": "COCO_WITH_IMAGES"}, timeout=300
-        )
-        answer.raise_for_status()
-        with zipfile.ZipFile(io.BytesIO(answer.content)) as archive:
-            archive.extractall(folder)
-        return folder / "result.json"
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from live import live_server
 from studio import Studio, label_studio
-from test_labelstudio import back_to_pixels, config
+from test_labelstudio import CLASSES, back_to_pixels, config
 from test_service import encode, metric, scene
 
 from model.data.synth import generate
@@ -141,10 +141,18 @@ def test_corrected_labels_train_a_model_the_gate_promotes_and_label_studio_predi
         times[step] = round(time.monotonic() - started, 1)
         started = time.monotonic()
 
+    access = ["--url", studio.url, "--token", settings["SSD_LABELSTUDIO_TOKEN"]]
     with live_server(tmp_path, settings) as live:
-        project = studio.project("the loop", config())
+        # A project of the served model's classes, the service its ML backend (found, not made
+        # again, the second time).
+        connect = ["labelstudio", "connect", *access, "--detector", live.url, "--title", "the loop"]
+        made, again = ssd(*connect), ssd(*connect)
+        assert made.returncode == 0 and again.returncode == 0, made.stderr + again.stderr
+        project = json.loads(made.stdout)["project"]
+        assert json.loads(made.stdout)["created"] and not json.loads(again.stdout)["created"]
+        assert json.loads(again.stdout)["project"] == project
+        assert len(studio.api.get("/api/ml", params={"project": project}).json()) == 1
         tasks = studio.upload(project, sorted((data / "train").glob("*.jpg")))
-        studio.connect(project, live.url + "/labelstudio", {})
         studio.retrieve_predictions(project)
         first = {p["model_version"] for p in studio.predictions(project)}
         assert len(first) == 1
@@ -154,14 +162,30 @@ def test_corrected_labels_train_a_model_the_gate_promotes_and_label_studio_predi
         by_name = {image["file_name"]: image for image in truth["images"]}
         for task, path in tasks.items():
             studio.annotate(task, coco_to_results(truth, by_name[path.name]))
-        export = studio.export_coco(project, tmp_path / "export")
+        exported = ssd(
+            "labelstudio", "export", *access, "--project", str(project), "--out", str(tmp_path / "export")
+        )
+        assert exported.returncode == 0, exported.stderr
+        export = Path(exported.stdout.strip())
+        # The labels' category attributes number the export's classes in the model's order.
+        categories = json.loads(export.read_text())["categories"]
+        assert [c["name"] for c in sorted(categories, key=lambda c: c["id"])] == CLASSES
         lap("annotate and export")
 
         run = tmp_path / "run"
         trained = ssd(
-            "train", "--data", str(export), "--classes", str(served), "--epochs", "5",
-            "--out", str(run), "--seed", "0", "--workers", "0",
-        )  # fmt: skip
+            "train",
+            "--data",
+            str(export),
+            "--epochs",
+            "5",
+            "--out",
+            str(run),
+            "--seed",
+            "0",
+            "--workers",
+            "0",
+        )
         assert trained.returncode == 0, trained.stderr[-3000:]
         lap("ssd train")
         exported = ssd("export", "--checkpoint", str(run / "best.pt"), "--out", str(run / "model.onnx"))

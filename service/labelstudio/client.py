@@ -59,6 +59,12 @@ def _claims(token: str) -> dict | None:
     return claims if isinstance(claims, dict) else None
 
 
+def is_refresh_token(token: str) -> bool:
+    """A personal access token (a JWT of type refresh), not a legacy one."""
+    claims = _claims(token)
+    return claims is not None and claims.get("token_type") == "refresh"
+
+
 class LabelStudio:
     """The one Label Studio the service fetches task images from."""
 
@@ -66,8 +72,7 @@ class LabelStudio:
         self.url = url.rstrip("/") + "/"
         self.origin = origin_of(url)
         self._token = token.get_secret_value() if token is not None else None
-        claims = _claims(self._token) if self._token else None
-        self._refresh = claims is not None and claims.get("token_type") == "refresh"
+        self._refresh = bool(self._token) and is_refresh_token(self._token)
         self._access: tuple[str, float] | None = None  # (token, monotonic expiry)
         self._lock = asyncio.Lock()
         self._http = httpx.AsyncClient(
