@@ -9,7 +9,7 @@ import base64
 import io
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,12 +173,15 @@ class Studio:
     most_in_flight: int = 0
     delay_s: float = 0.0
     revoke_first: bool = False  # answer the first access token's use 401 (revoked early)
+    on_fetch: Callable[[str], None] | None = None  # called with each image's name as it is asked for
 
     def app(self) -> Starlette:
         async def upload(request: Request) -> Response:
             auth = request.headers.get("authorization", "")
             self.seen.append((request.url.hostname or "", request.url.path, auth))
             name = request.path_params["name"]
+            if self.on_fetch is not None:
+                self.on_fetch(name)
             if name == "redirect":
                 return Response(status_code=302, headers={"Location": "http://evil.test/x.jpg"})
             if not self._authorized(auth):
@@ -540,5 +543,57 @@ def test_what_a_photo_is_answered_in_is_its_size_after_exif_orientation():
             body = predict_body(tasks("turned.jpg"))
             regions = (await client.post("/labelstudio/predict", json=body)).json()["results"][0]["result"]
             assert regions and {(r["original_width"], r["original_height"]) for r in regions} == {(480, 640)}
+
+    run(go())
+
+
+def test_the_core_refusing_the_first_chunk_is_the_answer_and_a_later_chunk_its_tasks_error():
+    files = images()
+    names = list(files)[:4]
+
+    async def go():
+        # The first chunk: refused at the door, before any image is fetched.
+        async with backend(Studio(files=files)) as (client, state):
+            state.repository.get(None).batcher.times.reset({1: 60.0, 2: 60.0})
+            answer = await client.post("/labelstudio/predict", json=predict_body(tasks(*names)))
+            assert_error(answer, 503, "overloaded")
+            text = state.metrics.exposition().decode()
+            assert metric(text, 'detector_rejected_requests_total{reason="overloaded"}') == 1
+            route = 'detector_requests_total{route="/labelstudio/predict",code="503"}'
+            assert metric(text, route) == 1
+        # A later chunk: admitted at the door, refused once its images are in (the model has
+        # become slow meanwhile); the first chunk's predictions stay, the rest say why.
+        studio = Studio(files=files)
+        async with backend(studio, max_images_per_request=2) as (client, state):
+            batcher = state.repository.get(None).batcher
+
+            def slow_from_the_third(name: str) -> None:
+                if name == names[2]:
+                    batcher.times.reset({1: 60.0, 2: 60.0})
+
+            studio.on_fetch = slow_from_the_third
+            answer = await client.post("/labelstudio/predict", json=predict_body(tasks(*names)))
+            assert answer.status_code == 200, answer.text
+            results = answer.json()["results"]
+            assert "result" in results[0] and "result" in results[1]
+            assert all("not predicted" in r["error"] and "result" not in r for r in results[2:])
+
+    run(go())
+
+
+def test_an_image_larger_than_the_request_budget_is_its_tasks_error():
+    files = images()
+    files["big.png"] = encode(Image.effect_noise((900, 900), 64).convert("RGB"), "PNG")
+    assert len(files["big.png"]) > 1024 * 1024
+
+    async def go():
+        async with backend(Studio(files=files), request_budget_mb=1, max_request_bytes=1024 * 1024) as (
+            client,
+            _,
+        ):
+            good = next(iter(images()))
+            answer = await client.post("/labelstudio/predict", json=predict_body(tasks("big.png", good)))
+            results = answer.json()["results"]
+            assert "SSD_REQUEST_BUDGET_MB" in results[0]["error"] and "result" in results[1]
 
     run(go())

@@ -117,9 +117,15 @@ async def _chunk(
     call.bytes = state.budget.reservation()
     settings = state.settings
     async with call.door(due):
+        # Every fetch ends before the chunk goes on (none left holding request bytes); a refusal
+        # of the whole chunk (the request budget's 503) is raised once all have.
         fetched = await asyncio.gather(
-            *(_fetch(studio, tasks[i], ask.target, settings.max_image_bytes, call, due) for i in chunk)
+            *(_fetch(studio, tasks[i], ask.target, settings.max_image_bytes, call, due) for i in chunk),
+            return_exceptions=True,
         )
+        for outcome in fetched:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, FetchError):
+                raise outcome
         work = []
         for i, outcome in zip(chunk, fetched, strict=True):
             if isinstance(outcome, FetchError):
@@ -165,3 +171,7 @@ async def _fetch(
         return await studio.fetch(studio.resolve(value), limit, call.bytes, due)
     except FetchError as exc:
         return exc
+    except APIError as exc:
+        if exc.status == 413:  # this image alone is more than the whole budget of request bytes
+            return FetchError(exc.message)
+        raise
