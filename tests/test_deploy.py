@@ -53,9 +53,10 @@ def test_serving_image_has_no_torch_and_runs_unprivileged():
 
 def test_compose_file_is_valid():
     compose = tool("docker-compose")
-    for profile in ("gpu", "cpu"):
+    for profiles in (["gpu"], ["cpu"], ["cpu", "labelling"], ["train"]):
+        chosen = [arg for profile in profiles for arg in ("--profile", profile)]
         result = subprocess.run(
-            [compose, "-f", str(ROOT / "docker-compose.yml"), "--profile", profile, "config", "-q"],
+            [compose, "-f", str(ROOT / "docker-compose.yml"), *chosen, "config", "-q"],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -72,6 +73,15 @@ def test_compose_file_is_valid():
         and "models:/models" in services["detector"]["volumes"]
     )
     assert int(services["detector"]["environment"]["SSD_MODEL_POLL_S"]) > 0  # picks up the retrained model
+    # The labelling profile: Label Studio, its images fetched by the detector, the backend wired.
+    studio = services["labelstudio"]
+    assert studio["profiles"] == ["labelling"] and services["labelling-setup"]["profiles"] == ["labelling"]
+    assert studio["environment"]["ML_BLOCK_LOCAL_IP"] == "false"
+    assert studio["environment"]["USE_DEFAULT_BANNED_SUBNETS"] == "false"
+    assert services["detector"]["environment"]["SSD_LABELSTUDIO_URL"] == "http://labelstudio:8080"
+    setup = services["labelling-setup"]["command"]
+    assert setup[:2] == ["labelstudio", "connect"] and "http://detector:8000" in setup
+    assert "SSD_LABELSTUDIO_PROJECT" in services["trainer"]["environment"]
 
 
 def test_prometheus_config_and_rules_pass_promtool():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,47 +159,40 @@ def test_corrected_labels_train_a_model_the_gate_promotes_and_label_studio_predi
         assert len(first) == 1
         lap("import and pre-annotate 64 tasks")
 
-        # People correct the boxes (here: the scenes' ground truth), and the project is exported.
+        # People correct the boxes (here: the scenes' ground truth).
         by_name = {image["file_name"]: image for image in truth["images"]}
         for task, path in tasks.items():
             studio.annotate(task, coco_to_results(truth, by_name[path.name]))
-        exported = ssd(
-            "labelstudio", "export", *access, "--project", str(project), "--out", str(tmp_path / "export")
+        lap("annotate")
+
+        # deploy/retrain.sh, as the compose trainer runs it: the export, ssd train (the served
+        # model's classes, a seeded tenth held out), ssd export, ssd promote on the held-out tenth.
+        runs = tmp_path / "runs"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
+        env |= {
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+            "SSD_LABELSTUDIO_PROJECT": str(project),
+            "SSD_LABELSTUDIO_URL": studio.url,
+            "SSD_LABELSTUDIO_TOKEN": settings["SSD_LABELSTUDIO_TOKEN"],
+            "SSD_TRAIN_RUNS": str(runs),
+            "SSD_MODEL_OUT": str(served),
+            "SSD_TRAIN_EPOCHS": "5",
+        }
+        job = subprocess.run(
+            ["bash", str(ROOT / "deploy" / "retrain.sh")],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
         )
-        assert exported.returncode == 0, exported.stderr
-        export = Path(exported.stdout.strip())
-        # The labels' category attributes number the export's classes in the model's order.
+        assert job.returncode == 0, job.stderr[-3000:]
+        decision = json.loads(job.stdout.strip().splitlines()[-1])
+        assert decision["promoted"] and decision["candidate"] > decision["served"], decision
+        # The labels' category attributes numbered the export's classes in the model's order.
+        (export,) = runs.glob("*/data/result.json")
         categories = json.loads(export.read_text())["categories"]
         assert [c["name"] for c in sorted(categories, key=lambda c: c["id"])] == CLASSES
-        lap("annotate and export")
-
-        run = tmp_path / "run"
-        trained = ssd(
-            "train",
-            "--data",
-            str(export),
-            "--epochs",
-            "5",
-            "--out",
-            str(run),
-            "--seed",
-            "0",
-            "--workers",
-            "0",
-        )
-        assert trained.returncode == 0, trained.stderr[-3000:]
-        lap("ssd train")
-        exported = ssd("export", "--checkpoint", str(run / "best.pt"), "--out", str(run / "model.onnx"))
-        assert exported.returncode == 0, exported.stderr[-3000:]
-        lap("ssd export")
-        gate = ssd(
-            "promote", str(run / "model.onnx"), "--over", str(served), "--data", str(export),
-            "--val-fraction", "0.1", "--seed", "0",
-        )  # fmt: skip
-        assert gate.returncode == 0, gate.stderr[-3000:]
-        decision = json.loads(gate.stdout)
-        assert decision["promoted"] and decision["candidate"] > decision["served"], decision
-        lap("ssd promote")
+        lap("deploy/retrain.sh: export, train, export, promote")
 
         new_sha = hashlib.sha256(served.read_bytes()).hexdigest()
         deadline = time.monotonic() + 30
