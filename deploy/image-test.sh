@@ -10,7 +10,8 @@
 #   5. the trainer image: --help, then deploy/retrain.sh on a small synthetic set into the same
 #      volume, and the running detector serving what the promotion gate decided;
 #   6. SIGTERM (docker stop, the compose grace period): exit 0 within it, having drained;
-#   7. `docker-compose --profile cpu up detector-cpu` with the built image: healthy, /detect.
+#   7. `docker compose --profile cpu up detector-cpu` (docker-compose 1.29 where the client has no
+#      compose plugin) with the built image: healthy, /detect.
 # Each step's time, the build times and the image sizes are printed at the end.
 # IMAGE_TEST_EPOCHS (2) and IMAGE_TEST_IMAGES (48) size the retraining.
 set -euo pipefail
@@ -35,6 +36,7 @@ step() {
 
 done_step() {
     report+=("$(printf '%-46s %5d s' "$1" $((SECONDS - step_started)))")
+    echo "${report[-1]}"
 }
 
 fail() {
@@ -43,10 +45,11 @@ fail() {
 }
 
 local_server_pid=""
+compose_cmd=(docker-compose)
 cleanup() {
     if [ -n "$local_server_pid" ]; then kill "$local_server_pid" 2>/dev/null || true; fi
     docker rm -f "$prefix-serving" >/dev/null 2>&1 || true
-    docker-compose -p "$prefix" --profile cpu down --volumes >/dev/null 2>&1 || true
+    "${compose_cmd[@]}" -p "$prefix" --profile cpu down --volumes >/dev/null 2>&1 || true
     docker volume rm -f "$prefix-models" "$prefix-runs" "$prefix-data" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
@@ -71,7 +74,7 @@ wait_healthy() { # container, seconds
 }
 
 host_url() { # container, port inside it
-    echo "http://$(docker port "$1" "$2/tcp" | head -1)"
+    echo "http://$(docker port "$1" "$2/tcp" | sed -n 1p)"
 }
 
 probe() {
@@ -80,17 +83,29 @@ probe() {
 
 # ---- 1. the engine ------------------------------------------------------------------------------
 step "Docker engine"
-if ! command -v dockerd >/dev/null || ! command -v docker-compose >/dev/null || ! command -v mmdebstrap >/dev/null; then
+# Compose v2 (`docker compose`) where the client has it; else Debian's docker-compose 1.29, since
+# Debian packages no v2 plugin.
+if docker compose version >/dev/null 2>&1; then compose_cmd=(docker compose); fi
+missing=()
+command -v dockerd >/dev/null || missing+=(docker.io)
+command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+if [ "${compose_cmd[0]}" = docker-compose ] && ! command -v docker-compose >/dev/null; then
+    missing+=(docker-compose)
+fi
+if [ ${#missing[@]} -gt 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io docker-compose mmdebstrap
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 if ! docker info >/dev/null 2>&1; then
     nohup dockerd >/var/log/dockerd.log 2>&1 &
-    for _ in $(seq 60); do docker info >/dev/null 2>&1 && break || sleep 1; done
+    for _ in $(seq 60); do
+        if docker info >/dev/null 2>&1; then break; fi
+        sleep 1
+    done
     docker info >/dev/null 2>&1 || fail "dockerd did not start (see /var/log/dockerd.log)"
 fi
 docker version --format 'engine {{.Server.Version}}, client {{.Client.Version}}'
-docker-compose version --short
+"${compose_cmd[@]}" version --short
 cleanup
 done_step "engine"
 
@@ -107,7 +122,9 @@ if ! have_or_pull "$cuda_base" || ! have_or_pull "$python_base"; then
     if ! docker image inspect "$local_base" >/dev/null 2>&1; then
         base_started=$SECONDS
         # A TLS-inspecting proxy's CA, where this machine has one, so that pip and uv reach PyPI
-        # from inside the build (uv reads SSL_CERT_FILE; pip, PIP_CERT).
+        # from inside the build (uv reads SSL_CERT_FILE; pip, PIP_CERT). The hook's $1 is the new
+        # root, expanded by mmdebstrap's shell, not this one.
+        # shellcheck disable=SC2016
         mmdebstrap --quiet --variant=minbase --include=ca-certificates,python3,python3-venv \
             --customize-hook='if [ -n "$(ls -A /usr/local/share/ca-certificates)" ]; then
                 cp -r /usr/local/share/ca-certificates/. "$1/usr/local/share/ca-certificates/"
@@ -118,6 +135,7 @@ if ! have_or_pull "$cuda_base" || ! have_or_pull "$python_base"; then
                 --change 'ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt' \
                 --change 'CMD ["bash"]' - "$local_base" >/dev/null
         report+=("$(printf '%-46s %5d s' "  local base built (mmdebstrap)" $((SECONDS - base_started)))")
+        echo "${report[-1]}"
     fi
     cuda_base=$local_base python_base=$local_base python=python3.11
 fi
@@ -128,13 +146,15 @@ done_step "bases"
 build_args=(--build-arg "CUDA_BASE=$cuda_base" --build-arg "PYTHON_BASE=$python_base" --build-arg "PYTHON=$python")
 # The trainer first: the classic builder (docker.io has no buildx) builds every stage before the
 # target, so the serving build then finds the trainer's layers cached.
+previous=$(docker image inspect -f '{{.Id}}' "$trainer_image" "$serving_image" 2>/dev/null || true)
 step "Build the trainer image"
 docker build --quiet --target trainer "${build_args[@]}" -t "$trainer_image" .
 done_step "build trainer"
 step "Build the serving image"
 docker build --quiet --target serving "${build_args[@]}" -t "$serving_image" .
 done_step "build serving"
-docker image prune --force >/dev/null # the layers the tags above replaced
+# The images these tags named before, now untagged (those still in use as cache stay).
+for id in $previous; do docker rmi "$id" >/dev/null 2>&1 || true; done
 
 # ---- 4. the serving image -----------------------------------------------------------------------
 step "Serving image: healthy, /detect as outside it, /metrics, gRPC"
@@ -152,12 +172,15 @@ local_port=$(uv run --frozen python -c "import socket; s = socket.socket(); s.bi
 SSD_PROVIDERS=cpu SSD_GRPC_PORT=0 uv run --frozen ssd serve --model models/demo.onnx --port "$local_port" \
     >"${TMPDIR:-/tmp}/$prefix-local-serve.log" 2>&1 &
 local_server_pid=$!
-for _ in $(seq 120); do curl -fs "http://127.0.0.1:$local_port/readyz" >/dev/null && break || sleep 1; done
+for _ in $(seq 120); do
+    if curl -fs "http://127.0.0.1:$local_port/readyz" >/dev/null; then break; fi
+    sleep 1
+done
 probe same-detections "$url" "http://127.0.0.1:$local_port" "$photo"
 kill "$local_server_pid" && wait "$local_server_pid" || true
 local_server_pid=""
 probe metrics "$url"
-grpc_target=$(docker port "$prefix-serving" 8001/tcp | head -1)
+grpc_target=$(docker port "$prefix-serving" 8001/tcp | sed -n 1p)
 probe grpc-live "$grpc_target"
 done_step "serving: health, detect, metrics, grpc"
 
@@ -198,7 +221,9 @@ else
     fail "retrain.sh exited $retrain_rc"
 fi
 echo "served before: $served_before, now: $(probe model-sha "$url" "$photo")"
-docker logs "$prefix-serving" 2>&1 | grep -i "reload\|swap" | tail -2
+# Captured first: `grep -q` leaves the pipe early, and docker logs' SIGPIPE fails the pipeline.
+logs=$(docker logs "$prefix-serving" 2>&1)
+grep "changed; reloading" <<<"$logs" | tail -1 || fail "the log does not say it reloaded"
 done_step "trainer: help, synth, retrain, reload"
 
 # ---- 6. SIGTERM ---------------------------------------------------------------------------------
@@ -207,16 +232,17 @@ stop_started=$SECONDS
 docker stop -t "$grace_s" "$prefix-serving" >/dev/null
 stop_s=$((SECONDS - stop_started))
 code=$(docker inspect -f '{{.State.ExitCode}}' "$prefix-serving")
-docker logs "$prefix-serving" 2>&1 | grep -E "draining|closing the listeners" | tail -2
+logs=$(docker logs "$prefix-serving" 2>&1)
+grep -E "draining|closing the listeners" <<<"$logs" | tail -2
 [ "$code" = 0 ] || fail "exit code $code after SIGTERM"
 [ "$stop_s" -lt "$grace_s" ] || fail "SIGTERM took $stop_s s, the grace period is $grace_s s"
-docker logs "$prefix-serving" 2>&1 | grep -q "SIGTERM: draining" || fail "the log does not say it drained"
+grep -q "SIGTERM: draining" <<<"$logs" || fail "the log does not say it drained"
 echo "stopped in $stop_s s, exit code 0"
 done_step "SIGTERM stop ($stop_s s)"
 
-# ---- 7. docker-compose --------------------------------------------------------------------------
-step "docker-compose --profile cpu up detector-cpu"
-compose=(docker-compose -p "$prefix" --profile cpu)
+# ---- 7. compose ---------------------------------------------------------------------------------
+step "${compose_cmd[*]} --profile cpu up detector-cpu"
+compose=("${compose_cmd[@]}" -p "$prefix" --profile cpu)
 "${compose[@]}" up -d --no-build detector-cpu
 container=$("${compose[@]}" ps -q detector-cpu)
 # Alive but not ready until the artifact arrives, as the README says of a fresh volume.

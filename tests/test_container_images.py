@@ -16,8 +16,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def engine_reason() -> str | None:
     """Why no engine can run the images here, or None where one runs or can be started."""
-    if shutil.which("docker") is None or shutil.which("docker-compose") is None:
-        return "no Docker engine installed (docker.io, docker-compose); `make image-test` installs them"
+    if shutil.which("docker") is None:
+        return "no Docker engine installed (docker.io); `make image-test` installs it"
+    compose_v2 = subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    if not compose_v2 and shutil.which("docker-compose") is None:
+        return "neither `docker compose` nor docker-compose is installed; `make image-test` installs one"
     if subprocess.run(["docker", "info"], capture_output=True).returncode == 0:
         return None
     if shutil.which("dockerd") is None:
