@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # make image-test: build the serving and trainer images from the Dockerfile and run them for real.
-#   1. a Docker engine: docker.io (and docker-compose) from apt where missing, dockerd started
+#   1. a Docker engine: docker.io and docker-compose from apt where missing, dockerd started
 #      where it is not running (both need root);
 #   2. the bases: the Dockerfile's own where they can be pulled, else a Debian bookworm made here
-#      from Debian's packages (mmdebstrap), which trusts the CAs this machine trusts;
+#      from Debian's packages (mmdebstrap, installed where missing), which trusts the CAs this
+#      machine trusts;
 #   3. both images built, tagged as docker-compose.yml names them;
 #   4. the serving image, as the user it declares, with the demo model in a volume: healthy,
 #      /detect on a photo alike to `ssd serve` outside the container, /metrics, gRPC ServerLive;
@@ -88,7 +89,6 @@ step "Docker engine"
 if docker compose version >/dev/null 2>&1; then compose_cmd=(docker compose); fi
 missing=()
 command -v dockerd >/dev/null || missing+=(docker.io)
-command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
 if [ "${compose_cmd[0]}" = docker-compose ] && ! command -v docker-compose >/dev/null; then
     missing+=(docker-compose)
 fi
@@ -121,6 +121,9 @@ if ! have_or_pull "$cuda_base" || ! have_or_pull "$python_base"; then
     echo "cannot pull $cuda_base and $python_base: building $local_base from Debian's packages"
     if ! docker image inspect "$local_base" >/dev/null 2>&1; then
         base_started=$SECONDS
+        if ! command -v mmdebstrap >/dev/null; then
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mmdebstrap
+        fi
         # A TLS-inspecting proxy's CA, where this machine has one, so that pip and uv reach PyPI
         # from inside the build (uv reads SSL_CERT_FILE; pip, PIP_CERT). The hook's $1 is the new
         # root, expanded by mmdebstrap's shell, not this one.
