@@ -156,13 +156,20 @@ done_step "build trainer"
 step "Build the serving image"
 docker build --quiet --target serving "${build_args[@]}" -t "$serving_image" .
 done_step "build serving"
-# The images these tags named before, now untagged (those still in use as cache stay).
-for id in $previous; do docker rmi "$id" >/dev/null 2>&1 || true; done
+# The images these tags named before, where a build changed them (a cached build gives the same
+# image back, which stays); those still in use as cache stay too.
+current=$(docker image inspect -f '{{.Id}}' "$trainer_image" "$serving_image")
+for id in $previous; do
+    if ! grep -qx "$id" <<<"$current"; then docker rmi "$id" >/dev/null 2>&1 || true; fi
+done
 
 # ---- 4. the serving image -----------------------------------------------------------------------
 step "Serving image: healthy, /detect as outside it, /metrics, gRPC"
 user=$(docker image inspect -f '{{.Config.User}}' "$serving_image")
 [ -n "$user" ] && [ "$user" != "0" ] && [ "$user" != "root" ] || fail "the serving image runs as root"
+if docker run --rm --entrypoint python "$serving_image" -c "import torch" 2>/dev/null; then
+    fail "torch is in the serving image"
+fi
 # A fresh named volume takes /models' owner from the image: the declared user can write it.
 docker run --rm -v "$prefix-models:/models" -v "$PWD/models:/src:ro" --entrypoint cp "$serving_image" \
     /src/demo.onnx /models/model.onnx
