@@ -19,7 +19,7 @@ DEMO_TRAIN = $(UV) run --frozen ssd train --model ssdlite320_mobilenet_v3_large 
 	--batch-size 16 --precise-bn 16 --workers 1 --seed 0
 
 
-.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env labelstudio-env cvat-function proto openapi lint format bench bench-peers clean demo-model
+.PHONY: uv install install-serving serve test test-fast test-bare test-one-core test-busy tritonclient-env labelstudio-env cvat-function proto openapi lint format bench bench-peers clean demo-model image-test
 
 # uv itself, where it is missing.
 uv:
@@ -141,6 +141,12 @@ bench: install bench-peers
 # numpy 2 and protobuf 7 (see bench/peers/pytriton_server.py).
 bench-peers: install
 	test -x .venv/pytriton/bin/python || $(UV) run --frozen python -m bench.peers.pytriton_server --make-env
+
+# The serving and trainer images built from the Dockerfile and run for real (deploy/image-test.sh):
+# installs docker.io where missing and starts dockerd (root), builds on a local Debian base where the
+# Dockerfile's bases cannot be pulled, and prints each step's time and the image sizes.
+image-test: install
+	deploy/image-test.sh
 
 clean:
 	rm -rf .venv .pytest_cache .ruff_cache

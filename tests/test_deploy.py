@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import httpx
@@ -49,6 +50,19 @@ def test_serving_image_has_no_torch_and_runs_unprivileged():
     assert text.rstrip().split("\n\n")[-1].count("FROM") <= 1 and stages[-1].startswith(
         "${CUDA_BASE} AS serving"
     )
+
+
+def test_both_images_copy_what_the_wheel_ships():
+    """`ssd` builds every subcommand's parser at start, importing its package: one not copied into
+    an image fails every command there (the serving image's first real run had no release/)."""
+    shipped = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"][
+        "wheel"
+    ]["only-include"]
+    stages = re.split(r"^FROM ", (ROOT / "Dockerfile").read_text(), flags=re.M)
+    for name in ("serving-build", "trainer"):
+        stage = next(s for s in stages if s.split("\n", 1)[0].endswith(f"AS {name}"))
+        copied = {s for line in re.findall(r"^COPY ([^-].*) \S+$", stage, flags=re.M) for s in line.split()}
+        assert set(shipped) <= copied, f"{name} does not copy {sorted(set(shipped) - copied)}"
 
 
 def test_compose_file_is_valid():
