@@ -126,7 +126,7 @@ def test_corrected_labels_train_a_model_the_gate_promotes_and_label_studio_predi
     models.mkdir()
     served = models / "model.onnx"
     shutil.copyfile(served_artifact, served)
-    data = generate(tmp_path / "synth", "coco", images=64, val_images=1, seed=7)
+    data = generate(tmp_path / "synth", "coco", images=48, val_images=1, seed=7)
     truth = json.loads((data / "annotations" / "instances_train.json").read_text())
     settings = {
         "SSD_MODEL_PATH": str(served),
@@ -157,7 +157,7 @@ def test_corrected_labels_train_a_model_the_gate_promotes_and_label_studio_predi
         studio.retrieve_predictions(project)
         first = {p["model_version"] for p in studio.predictions(project)}
         assert len(first) == 1
-        lap("import and pre-annotate 64 tasks")
+        lap("import and pre-annotate 48 tasks")
 
         # People correct the boxes (here: the scenes' ground truth).
         by_name = {image["file_name"]: image for image in truth["images"]}
@@ -176,7 +176,7 @@ def test_corrected_labels_train_a_model_the_gate_promotes_and_label_studio_predi
             "SSD_LABELSTUDIO_TOKEN": settings["SSD_LABELSTUDIO_TOKEN"],
             "SSD_TRAIN_RUNS": str(runs),
             "SSD_MODEL_OUT": str(served),
-            "SSD_TRAIN_EPOCHS": "5",
+            "SSD_TRAIN_EPOCHS": "4",
         }
         job = subprocess.run(
             ["bash", str(ROOT / "deploy" / "retrain.sh")],
