@@ -28,12 +28,16 @@ class Studio:
     url: str
     api: httpx.Client
     log: Path
+    _pat: str | None = None
 
     def personal_access_token(self) -> str:
-        """A new personal access token (a JWT refresh token) of the user."""
-        answer = self.api.post("/api/token/")
-        answer.raise_for_status()
-        return answer.json()["token"]
+        """The user's personal access token (a JWT refresh token), made at the first call: Label
+        Studio keeps one per user (a second POST /api/token/ is 409)."""
+        if self._pat is None:
+            answer = self.api.post("/api/token/")
+            answer.raise_for_status()
+            self._pat = answer.json()["token"]
+        return self._pat
 
     def project(self, title: str, label_config: str) -> int:
         answer = self.api.post("/api/projects", json={"title": title, "label_config": label_config})

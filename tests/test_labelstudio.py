@@ -422,6 +422,7 @@ def test_without_a_label_studio_configured_tasks_say_so():
     run(go())
 
 
+@pytest.mark.timing
 def test_an_image_fetched_past_the_deadline_is_that_tasks_error():
     studio = Studio(files=images(), delay_s=3.0)
 

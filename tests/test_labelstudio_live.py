@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "models" / "demo.onnx"
 PHOTOS = sorted((ROOT / "photos" / "val2017").glob("*.jpg"))
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timing]
 
 
 @pytest.fixture(scope="module")
