@@ -578,6 +578,8 @@ def test_the_core_refusing_the_first_chunk_is_the_answer_and_a_later_chunk_its_t
             results = answer.json()["results"]
             assert "result" in results[0] and "result" in results[1]
             assert all("not predicted" in r["error"] and "result" not in r for r in results[2:])
+            text = state.metrics.exposition().decode()
+            assert metric(text, 'detector_rejected_requests_total{reason="overloaded"}') == 1
 
     run(go())
 
@@ -598,3 +600,16 @@ def test_an_image_larger_than_the_request_budget_is_its_tasks_error():
             assert "SSD_REQUEST_BUDGET_MB" in results[0]["error"] and "result" in results[1]
 
     run(go())
+
+
+def test_projects_kept_are_bounded_by_count_and_by_characters():
+    from service.labelstudio.projects import Projects, ProjectSettings
+
+    kept = Projects(limit=3, chars=100)
+    for i in range(5):
+        kept.set(f"{i}.1", ProjectSettings(), "x" * 10)
+    assert [kept.get(f"{i}.1")[1] for i in range(5)] == [None, None, "x" * 10, "x" * 10, "x" * 10]
+    kept.set("big.1", ProjectSettings(labels={"a": "b" * 60}), "y" * 30)  # the oldest go to fit it
+    assert kept.get("big.1")[1] == "y" * 30 and kept.get("2.1")[1] is None and kept._kept <= 100
+    kept.set("big.1", ProjectSettings(), "z")  # set again: weighed once
+    assert kept._kept == sum(len(p) + len(s or "") for p, (_, s) in kept._known.items())

@@ -88,6 +88,8 @@ async def predict(
         except APIError as exc:
             if exc.status < 500 or start == 0:
                 raise
+            # Counted once under its reason (service/accounting.py), though the answer is a 200.
+            request.scope["state"]["call"].fail(exc)
             log.warning("labelstudio: %d tasks left unpredicted: %s", len(tasks) - start, exc.message)
             for i in range(start, len(tasks)):
                 items[i] = {"error": f"task {tasks[i].id}: not predicted: {exc.message}"}

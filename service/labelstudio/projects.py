@@ -17,7 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..errors import APIError
 from ..tiling import Tiling
 
-MAX_PROJECTS = 1024  # projects remembered at once, the least recently set up forgotten first
+# Projects remembered at once, the least recently set up forgotten first: at most this many, and
+# at most this many characters of configs and label renames together (setup is unauthenticated,
+# as Label Studio calls it: 1,024 configs of a megabyte each would be a gigabyte).
+MAX_PROJECTS = 1024
+MAX_KEPT_CHARS = 16_000_000
 
 
 class ProjectSettings(BaseModel):
@@ -54,15 +58,25 @@ class ProjectSettings(BaseModel):
 class Projects:
     """Each project's settings and labelling config by its id (``"ID.timestamp"``)."""
 
-    def __init__(self, limit: int = MAX_PROJECTS) -> None:
-        self.limit = limit
+    def __init__(self, limit: int = MAX_PROJECTS, chars: int = MAX_KEPT_CHARS) -> None:
+        self.limit, self.chars = limit, chars
         self._known: OrderedDict[str, tuple[ProjectSettings, str | None]] = OrderedDict()
+        self._kept = 0
+
+    @staticmethod
+    def _weight(project: str, settings: ProjectSettings, schema: str | None) -> int:
+        return len(project) + len(schema or "") + sum(len(k) + len(v) for k, v in settings.labels.items())
 
     def set(self, project: str, settings: ProjectSettings, schema: str | None) -> None:
+        self._forget(project)
         self._known[project] = (settings, schema)
-        self._known.move_to_end(project)
-        while len(self._known) > self.limit:
-            self._known.popitem(last=False)
+        self._kept += self._weight(project, settings, schema)
+        while len(self._known) > self.limit or (self._kept > self.chars and len(self._known) > 1):
+            self._forget(next(iter(self._known)))
+
+    def _forget(self, project: str) -> None:
+        if project in self._known:
+            self._kept -= self._weight(project, *self._known.pop(project))
 
     def get(self, project: str | None) -> tuple[ProjectSettings, str | None]:
         """A project's settings and config as set up last (defaults for one never set up)."""
