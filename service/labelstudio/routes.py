@@ -59,6 +59,50 @@ ACTIONS = frozenset({
 })  # fmt: skip
 
 
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI description of a JSON body the route reads itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+_STRING = {"type": "string"}
+SETUP_BODY = _body({
+    "type": "object",
+    "properties": {
+        "project": {"type": "string", "description": "Label Studio's project id, ID.TIMESTAMP"},
+        "schema": {"type": "string", "description": "the project's labelling config (XML)"},
+        "extra_params": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "model": _STRING, "version": _STRING, "score_threshold": {"type": "number"},
+                "max_detections": {"type": "integer"}, "tile": _STRING, "tile_overlap": {"type": "number"},
+                "from_name": _STRING, "labels": {"type": "object", "additionalProperties": _STRING},
+            },
+        },
+        "hostname": {"type": "string", "description": "not used"},
+        "access_token": {"type": "string", "description": "not used"},
+    },
+})  # fmt: skip
+PREDICT_BODY = _body({
+    "type": "object",
+    "required": ["tasks"],
+    "properties": {
+        "tasks": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["id", "data"],
+                "properties": {"id": {"type": "integer"}, "data": {"type": "object"}},
+            },
+        },
+        "project": _STRING,
+        "label_config": _STRING,
+    },
+})  # fmt: skip
+WEBHOOK_BODY = _body({"type": "object", "properties": {"action": _STRING}})
+
+
 @dataclass
 class Backend:
     """What the Label Studio routes keep: each project's settings, the Label Studio that task
@@ -153,7 +197,7 @@ async def health(state: StateDep) -> JSONResponse:
     return JSONResponse({"status": "UP", "model_class": "ssd-detector"})
 
 
-@router.post("/setup")
+@router.post("/setup", openapi_extra=SETUP_BODY)
 async def setup(request: Request, state: StateDep, backend: BackendDep) -> dict[str, Any]:
     body = await _json(request, state, SETUP_BYTES)
     project = _project(body)
@@ -176,7 +220,7 @@ async def setup(request: Request, state: StateDep, backend: BackendDep) -> dict[
     return {"model_version": model_version(model.identity()), "labels": described}
 
 
-@router.post("/predict")
+@router.post("/predict", openapi_extra=PREDICT_BODY)
 async def predict_tasks(request: Request, state: StateDep, backend: BackendDep) -> dict[str, Any]:
     body = await _json(request, state, state.settings.max_request_bytes)
     project = _project(body)
@@ -227,7 +271,7 @@ async def versions(request: Request, state: StateDep, backend: BackendDep) -> di
     return {"versions": found}
 
 
-@router.post("/webhook")
+@router.post("/webhook", openapi_extra=WEBHOOK_BODY)
 async def webhook(request: Request, state: StateDep) -> dict[str, Any]:
     require_operator(request, state.settings, "the Label Studio webhook")
     body = await _json(request, state, state.settings.max_request_bytes)
