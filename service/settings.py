@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     labelstudio_url: str | None = None
     labelstudio_token: SecretStr | None = None
     labelstudio_labels: Annotated[dict[str, str], NoDecode] = {}
+    # How long one predict may take before it answers with the tasks done: Label Studio waits
+    # 100 s (its ML_TIMEOUT_PREDICT) and stores nothing of a request it gave up on. The chunk
+    # under way may take SSD_REQUEST_TIMEOUT_S more; the tasks left are asked for again.
+    labelstudio_predict_s: float = Field(80.0, gt=0)
 
     @field_validator("providers", mode="before")
     @classmethod

@@ -613,3 +613,23 @@ def test_projects_kept_are_bounded_by_count_and_by_characters():
     assert kept.get("big.1")[1] == "y" * 30 and kept.get("2.1")[1] is None and kept._kept <= 100
     kept.set("big.1", ProjectSettings(), "z")  # set again: weighed once
     assert kept._kept == sum(len(p) + len(s or "") for p, (_, s) in kept._known.items())
+
+
+@pytest.mark.timing
+def test_a_predict_answers_what_it_did_before_label_studio_would_give_up():
+    """Label Studio stores nothing of a predict it stopped waiting for: past SSD_LABELSTUDIO_PREDICT_S
+    no chunk starts, and the tasks left say so (the next predict asks for them again)."""
+    studio = Studio(files=images(), delay_s=0.3)
+    names = list(studio.files)
+
+    async def go():
+        async with backend(studio, max_images_per_request=1, labelstudio_predict_s=0.5) as (client, _):
+            answer = await client.post("/labelstudio/predict", json=predict_body(tasks(*names)))
+            assert answer.status_code == 200, answer.text
+            results = answer.json()["results"]
+            done = [r for r in results if "result" in r]
+            assert 1 <= len(done) <= 3 and "result" in results[0]
+            left = results[len(done) :]
+            assert left and all("SSD_LABELSTUDIO_PREDICT_S" in r["error"] for r in left)
+
+    run(go())

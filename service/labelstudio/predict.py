@@ -11,12 +11,17 @@ logs and skips, storing the others' predictions. When the core refuses a chunk (
 chunk before it has already been answered: the tasks left get that error as theirs, and a
 later ``predict`` (they have no prediction of this model version) asks for them again. When
 it refuses the first, the request is answered with the refusal itself.
+
+Label Studio waits 100 s for the answer and stores nothing of a request it gave up on, however
+much was done; so no chunk starts after ``SSD_LABELSTUDIO_PREDICT_S`` (80 s), and the tasks left
+get an error and are asked for again by the next ``predict``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -80,8 +85,15 @@ async def predict(
 ) -> list[dict[str, Any]]:
     """One item per task, in order: its prediction, or its error."""
     items: list[dict[str, Any] | None] = [None] * len(tasks)
-    size = state.settings.max_images_per_request
+    size, budget = state.settings.max_images_per_request, state.settings.labelstudio_predict_s
+    began = time.monotonic()
     for start in range(0, len(tasks), size):
+        if start and time.monotonic() - began > budget:
+            why = f"not predicted within this request's {budget:g} s (SSD_LABELSTUDIO_PREDICT_S); ask again"
+            log.warning("labelstudio: %d tasks left for a later predict: %s", len(tasks) - start, why)
+            for i in range(start, len(tasks)):
+                items[i] = {"error": f"task {tasks[i].id}: {why}"}
+            break
         chunk = list(range(start, min(start + size, len(tasks))))
         try:
             await _chunk(request, state, studio, tasks, chunk, ask, items)
