@@ -142,34 +142,29 @@ def export(api: httpx.Client, project: int, out: Path) -> Path:
     return out / "result.json"
 
 
+def _access(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--url", default=os.environ.get("SSD_LABELSTUDIO_URL"), help="Label Studio")
+    command.add_argument("--token", default=os.environ.get("SSD_LABELSTUDIO_TOKEN"), help="its token")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="labelstudio_command", required=True, metavar="COMMAND")
-    for name, help_text in (
-        ("connect", "a project of the served model's classes, the detector as its ML backend"),
-        ("export", "a project's boxes as COCO with images, for ssd train --data"),
-    ):
-        command = sub.add_parser(name, help=help_text)
-        command.add_argument("--url", default=os.environ.get("SSD_LABELSTUDIO_URL"), help="Label Studio")
-        command.add_argument("--token", default=os.environ.get("SSD_LABELSTUDIO_TOKEN"), help="its token")
-        command.set_defaults(labelstudio_command=name)
-        if name == "connect":
-            command.add_argument(
-                "--detector", default="http://127.0.0.1:8000", help="the detector, as Label Studio reaches it"
-            )
-            command.add_argument(
-                "--title", default="SSD detector", help="the project's title (found or made)"
-            )
-            command.add_argument(
-                "--admin-token",
-                default=os.environ.get("SSD_ADMIN_TOKEN"),
-                help="for the webhook (SSD_ADMIN_TOKEN)",
-            )
-            command.add_argument(
-                "--score-threshold", type=float, default=None, help="the project's threshold"
-            )
-        else:
-            command.add_argument("--project", type=int, required=True, help="the project's id")
-            command.add_argument("--out", required=True, help="folder to write (replaced)")
+    connect = sub.add_parser(
+        "connect", help="a project of the served model's classes, the detector as its ML backend"
+    )
+    _access(connect)
+    connect.add_argument(
+        "--detector", default="http://127.0.0.1:8000", help="the detector, as Label Studio reaches it"
+    )
+    connect.add_argument("--title", default="SSD detector", help="the project's title (found or made)")
+    connect.add_argument(
+        "--admin-token", default=os.environ.get("SSD_ADMIN_TOKEN"), help="for the webhook (SSD_ADMIN_TOKEN)"
+    )
+    connect.add_argument("--score-threshold", type=float, default=None, help="the project's threshold")
+    export = sub.add_parser("export", help="a project's boxes as COCO with images, for ssd train --data")
+    _access(export)
+    export.add_argument("--project", type=int, required=True, help="the project's id")
+    export.add_argument("--out", required=True, help="folder to write (replaced)")
 
 
 def run(args: argparse.Namespace) -> int:

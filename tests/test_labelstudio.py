@@ -21,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from test_service import assert_error, encode, metric, scene, settings
+from test_service import assert_error, encode, metric, run, scene, settings
 
 from service.app import create_app
 from service.labelstudio.client import FetchError, LabelStudio
@@ -259,10 +259,6 @@ def back_to_pixels(region: dict) -> list[float]:
     ]
 
 
-def run(coro):
-    return asyncio.run(coro)
-
-
 def images() -> dict[str, bytes]:
     files = {f"scene{i}.jpg": encode(scene(640, 480, seed=i)) for i in range(3)}
     files |= {p.name: p.read_bytes() for p in PHOTOS[:2]}
@@ -348,31 +344,34 @@ def test_a_task_whose_image_fails_gets_its_error_and_the_others_their_prediction
     files = images()
     files["corrupt.jpg"] = b"\xff\xd8\xff\xe0 not a jpeg at all"
     files["huge.jpg"] = encode(Image.new("RGB", (64, 64))) + b"\0" * 300_000
+    files["vector.svg"] = b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>'
     studio = Studio(files=files)
     good = next(iter(images()))
     task_list = tasks(good, "corrupt.jpg", "missing.jpg", "redirect", "huge.jpg", good)
     task_list.append({"id": 7, "data": {"image": "http://evil.test/a.jpg"}})
     task_list.append({"id": 8, "data": {"picture": "/data/upload/x.jpg"}})
+    task_list.append({"id": 9, "data": {"image": "/data/upload/vector.svg"}})
 
     async def go():
         async with backend(studio, max_image_bytes=200_000, max_images_per_request=3) as (client, state):
             answer = await client.post("/labelstudio/predict", json=predict_body(task_list))
             assert answer.status_code == 200, answer.text
             results = answer.json()["results"]
-            assert len(results) == 8
+            assert len(results) == 9
             assert "result" in results[0] and results[0]["result"] == results[5]["result"]
             errors = {i + 1: r["error"] for i, r in enumerate(results) if "error" in r}
             assert all("result" not in results[i - 1] for i in errors)
-            assert set(errors) == {2, 3, 4, 5, 7, 8}
+            assert set(errors) == {2, 3, 4, 5, 7, 8, 9}
             assert errors[2].startswith("task 2: ")
             assert "404" in errors[3]
             assert "redirect" in errors[4] and "not followed" in errors[4]
             assert "SSD_MAX_IMAGE_BYTES" in errors[5]
             assert "not on the configured Label Studio" in errors[7]
             assert "'image'" in errors[8]
+            assert errors[9].startswith("task 9: ")  # a format outside the allow-list
             assert not [s for s in studio.seen if s[0] != "studio.test"]
             text = state.metrics.exposition().decode()
-            assert metric(text, 'detector_labelstudio_tasks_total{result="error"}') == 6
+            assert metric(text, 'detector_labelstudio_tasks_total{result="error"}') == 7
 
     run(go())
 
@@ -631,5 +630,52 @@ def test_a_predict_answers_what_it_did_before_label_studio_would_give_up():
             assert 1 <= len(done) <= 3 and "result" in results[0]
             left = results[len(done) :]
             assert left and all("SSD_LABELSTUDIO_PREDICT_S" in r["error"] for r in left)
+
+    run(go())
+
+
+@pytest.mark.timing
+def test_a_client_that_goes_away_stops_the_predict_and_its_later_chunks():
+    """Label Studio gives up (its 100 s) while a chunk runs: the work stops, no later chunk is
+    fetched, and the request counts as 499 (client_disconnected), not as a server error."""
+    from helpers import slow_down
+
+    studio = Studio(files=images())
+    names = list(studio.files)[:4]
+    body = json.dumps(predict_body(tasks(*names))).encode()
+
+    async def go():
+        async with backend(studio, max_images_per_request=2) as (client, state):
+            slow_down(state.repository.get(None), 2.0)
+            app = client._transport.app
+            sent: list[dict] = []
+            first = True
+
+            async def receive() -> dict:
+                nonlocal first
+                if first:
+                    first = False
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await asyncio.sleep(0.2)
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                sent.append(message)
+
+            scope = {
+                "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                "scheme": "http", "path": "/labelstudio/predict", "raw_path": b"/labelstudio/predict",
+                "query_string": b"", "root_path": "", "client": ("127.0.0.1", 5000),
+                "server": ("detector", 80),
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())],
+            }  # fmt: skip
+            started = time.monotonic()
+            await app(scope, receive, send)
+            assert time.monotonic() - started < 1.8  # not the slowed batch's 2 s, let alone both chunks'
+            assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [499]
+            assert len(studio.seen) == 2  # the first chunk's images only
+            text = state.metrics.exposition().decode()
+            assert metric(text, 'detector_rejected_requests_total{reason="disconnected"}') == 1
 
     run(go())

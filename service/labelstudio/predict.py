@@ -89,10 +89,12 @@ async def predict(
     began = time.monotonic()
     for start in range(0, len(tasks), size):
         if start and time.monotonic() - began > budget:
-            why = f"not predicted within this request's {budget:g} s (SSD_LABELSTUDIO_PREDICT_S); ask again"
-            log.warning("labelstudio: %d tasks left for a later predict: %s", len(tasks) - start, why)
-            for i in range(start, len(tasks)):
-                items[i] = {"error": f"task {tasks[i].id}: {why}"}
+            _left(
+                items,
+                tasks,
+                start,
+                f"within this request's {budget:g} s (SSD_LABELSTUDIO_PREDICT_S); ask again",
+            )
             break
         chunk = list(range(start, min(start + size, len(tasks))))
         try:
@@ -102,11 +104,16 @@ async def predict(
                 raise
             # Counted once under its reason (service/accounting.py), though the answer is a 200.
             request.scope["state"]["call"].fail(exc)
-            log.warning("labelstudio: %d tasks left unpredicted: %s", len(tasks) - start, exc.message)
-            for i in range(start, len(tasks)):
-                items[i] = {"error": f"task {tasks[i].id}: not predicted: {exc.message}"}
+            _left(items, tasks, start, f": {exc.message}")
             break
     return [item or {"error": "not predicted"} for item in items]
+
+
+def _left(items: list[dict[str, Any] | None], tasks: list[Task], start: int, why: str) -> None:
+    """The tasks from ``start`` on, not predicted by this request: each gets the reason."""
+    log.warning("labelstudio: %d tasks left for a later predict: not predicted%s", len(tasks) - start, why)
+    for i in range(start, len(tasks)):
+        items[i] = {"error": f"task {tasks[i].id}: not predicted{why}"}
 
 
 async def _chunk(
